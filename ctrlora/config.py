@@ -1,0 +1,216 @@
+"""Structured configs: one typed dataclass per config group, registered in Hydra's ConfigStore.
+
+`conf/train.yaml` extends `train_schema` (``TrainConfig``), so every group file is merged into a
+typed node: a misspelt key fails at compose time naming the key and the dataclass, and an
+unknown group choice fails listing the available options (Hydra's own message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+from ctrlora.curvature.config import CurvatureConfig
+from ctrlora.errors import ConfigError
+from ctrlora.evaluation.config import EvalConfig
+
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TinyLlamaConfig:
+    """Shape of the locally built tiny Llama (no download; weights from `seed`)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """A backbone: a HF hub id, a local `path` (wins over the hub id), or the tiny local builder."""
+
+    name: str = "tiny-llama"
+    hub_id: str | None = None
+    path: str | None = None  # local copy of the weights; required offline for hub models
+    task: str = "causal_lm"  # causal_lm | sequence_classification
+    builder: str | None = None  # "tiny_llama": built locally and cached on disk
+    tiny: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
+    arch: dict[str, Any] = field(default_factory=dict)  # model_type + config kwargs, for meta-device use
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    target_modules: list[str] = field(default_factory=lambda: list(DECODER_TARGETS))
+    num_labels: int | None = None  # sequence classification heads
+    modules_to_save: list[str] = field(default_factory=list)  # e.g. the classifier head
+
+
+@dataclass
+class AdaLoraSettings:
+    """PEFT AdaLoRA schedule as fractions of total steps (METHODS §1)."""
+
+    init_r_factor: float = 1.5
+    tinit: float = 0.05
+    tfinal: float = 0.2
+    delta_t: float = 0.01
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+
+@dataclass
+class MethodConfig:
+    """A PEFT method. Baselines map 1:1 onto PEFT options (METHODS §2)."""
+
+    name: str = "lora"
+    alpha: float = 16.0
+    dropout: float = 0.05
+    rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"  # PEFT init_lora_weights: default | gaussian | pissa_niter_4 | ...
+    quantize_4bit: bool = False
+    loraplus_ratio: float | None = None  # lr(B) / lr(A)
+    scaling: str = "constant"  # unequal ranks: constant | rslora | standard
+    adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
+
+
+@dataclass
+class DataConfig:
+    """A training set: source, format and the names of its fields."""
+
+    name: str = "fortune_topics"
+    train: str = "data/fortune_topics/train.jsonl"  # local json/jsonl/parquet path or HF dataset id
+    test: str | None = "data/fortune_topics/test.jsonl"
+    hf_config: str | None = None
+    hf_split: str = "train"
+    format: str = "classification"  # alpaca | prompt_completion | chat | classification
+    # field names, by format
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    # classification rendered as instruction data for causal LMs
+    prompt_template: str = "{text}\nWhat is the topic of this quotation?\nTopic:"
+    completion_template: str = " {label}"
+    max_length: int = 256
+    packing: bool = False
+    batch_size: int = 8
+    max_train_samples: int | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings; `strategy` is auto | ddp | fsdp."""
+
+    name: str = "cpu"
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 200
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 1
+    checkpoint_every_n_steps: int = 50
+    process_group_backend: str | None = None  # gloo for CPU multi-process
+    progress_bar: bool = True
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to zero."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # csv | wandb | tensorboard
+    project: str = "ctrlora"
+    entity: str | None = None
+    group: str | None = None
+    mode: str = "offline"  # wandb: online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BudgetConfig:
+    """Exactly one of `ratio` (fraction of backbone parameters) or `rank` (uniform-LoRA equivalent)."""
+
+    ratio: float | None = None
+    rank: int | None = 8
+
+
+@dataclass
+class CalibrationConfig:
+    """The fixed, seeded calibration subset of the training set used by curvature methods."""
+
+    num_samples: int = 2048
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    run_dir: str = "runs/default"
+    resume: bool = False
+    overwrite: bool = False
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks composition cannot make: keys added with `+`, and values with a valid range.
+
+    Raises `ConfigError` naming the key, the value and what is allowed.
+    """
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        OmegaConf.merge(schema, OmegaConf.to_container(cfg))
+    except ConfigKeyError as error:
+        parent = str(error.full_key).rpartition(".")[0]
+        node = OmegaConf.select(schema, parent) if parent else schema
+        valid = sorted(node.keys()) if hasattr(node, "keys") else []
+        raise ConfigError(f"unknown config key {error.full_key!r}; valid keys here: {', '.join(valid)}") from None
+    if cfg.trainer.max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0")
+    if cfg.trainer.checkpoint_every_n_steps <= 0:
+        raise ConfigError(f"trainer.checkpoint_every_n_steps={cfg.trainer.checkpoint_every_n_steps} must be > 0")
+    if (cfg.budget.ratio is None) == (cfg.budget.rank is None):
+        raise ConfigError(
+            f"set exactly one of budget.ratio and budget.rank (got ratio={cfg.budget.ratio},"
+            f" rank={cfg.budget.rank}); e.g. budget.ratio=0.001 budget.rank=null"
+        )
+
+
+def register_configs() -> None:
+    """Register the schema that `conf/train.yaml` extends (idempotent)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

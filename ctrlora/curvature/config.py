@@ -1,0 +1,54 @@
+"""Settings of the curvature estimators (METHODS §3); the `curvature=` config group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("kfac", "hutchinson", "activation")
+FISHER_TYPES = ("empirical", "mc")
+HUTCHINSON_MATRICES = ("hessian", "ggn")
+GRAD_MODES = ("dense", "sketch")
+
+
+def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"curvature.{key}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _check_positive(key: str, value: float | int, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"curvature.{key} must be {'≥' if allow_zero else '>'} 0, got {value}")
+
+
+@dataclass
+class CurvatureConfig:
+    kind: str = "kfac"  # kfac | hutchinson | activation
+    fisher: str = "empirical"  # kfac: empirical (true labels) | mc (labels sampled from the model)
+    mc_samples: int = 1
+    probes: int = 16  # hutchinson: Rademacher probes per calibration batch
+    matrix: str = "hessian"  # hutchinson: hessian | ggn
+    damping: float = 1e-3  # S <- S + damping * (tr S / dim) * I
+    pi_damping: bool = False  # Martens & Grosse pi-corrected split for Kronecker pairs
+    normalize: bool = True  # scale factors to unit mean eigenvalue
+    dense_max_dim: int = 4096  # wider factors are stored as top-k eigenpairs + isotropic rest
+    factor_rank: int = 256
+    grad_mode: str = "dense"  # dense | sketch (randomized range sketch of the whitened gradient)
+    sketch_oversampling: int = 10  # sketch: extra range columns beyond the requested rank
+    max_factor_gb: float | None = None  # memory cap (1e9 bytes): truncation and layer groups chosen to fit
+    keep_checkpointing: bool = True  # keep a model's activation checkpointing engaged in calibration passes
+    cache_dir: str | None = None  # on-disk cache of estimates; null disables
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("kind", self.kind, KINDS)
+        _check_choice("fisher", self.fisher, FISHER_TYPES)
+        _check_choice("matrix", self.matrix, HUTCHINSON_MATRICES)
+        _check_choice("grad_mode", self.grad_mode, GRAD_MODES)
+        _check_positive("mc_samples", self.mc_samples)
+        _check_positive("probes", self.probes)
+        _check_positive("damping", self.damping, allow_zero=True)
+        _check_positive("dense_max_dim", self.dense_max_dim, allow_zero=True)
+        _check_positive("factor_rank", self.factor_rank)
+        _check_positive("sketch_oversampling", self.sketch_oversampling, allow_zero=True)
+        if self.max_factor_gb is not None:
+            _check_positive("max_factor_gb", self.max_factor_gb)

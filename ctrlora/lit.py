@@ -1,0 +1,148 @@
+"""The LightningModule that fine-tunes a PEFT model, and the callback that measures the run.
+
+Loss = the model's own loss (labels passed through, so PEFT adds AdaLoRA's regulariser) plus the
+method's extra term (CTR-LoRA's trust region). AdamW on the method's parameter groups, linear
+warm-up over `warmup_ratio` of the steps, then cosine decay to zero. Checkpoints hold only the
+trainable weights, the optimizer and scheduler, the method's state and the RNG states — never the
+frozen base weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from peft import PeftModel
+from torch import Tensor
+from transformers import get_cosine_schedule_with_warmup
+
+from ctrlora.config import OptimConfig
+from ctrlora.methods.base import Method
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the last good checkpoint is left as it was."""
+
+
+class FinetuneModule(L.LightningModule):
+    def __init__(self, model: PeftModel, method: Method, optim: OptimConfig, total_steps: int) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.optim = optim
+        self.total_steps = total_steps
+        self.strict_loading = False  # checkpoints carry the trainable weights only
+        self.model.train()  # from_pretrained leaves the backbone in eval mode (dropout off)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        task_loss = self.model(**batch).loss
+        if not torch.isfinite(task_loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({task_loss.item()}) at step {self.global_step}; the last good"
+                " checkpoint in run_dir/checkpoints is intact — lower optim.lr or check the data"
+            )
+        self.log("train/loss", task_loss, prog_bar=True)
+        extra = self.method.extra_loss(self.model, self.global_step)
+        if extra is None:
+            return task_loss
+        self.log("train/extra_loss", extra)
+        self.log("train/extra_to_task", extra.detach() / task_loss.detach().clamp_min(1e-12))
+        return task_loss + extra
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self.method.param_groups(self.model, self.optim.lr)
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.optim.lr, betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay
+        )
+        warmup = math.ceil(self.optim.warmup_ratio * self.total_steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        return {key: value for key, value in self.state_dict().items() if key in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["method_state"] = self.method.state_dict()
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.method.load_state_dict(checkpoint.get("method_state", {}))
+        set_rng_states(checkpoint["rng_states"])
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RunStats(L.Callback):
+    """Per optimizer step: wall time, tokens and loss; at the end, peak memory.
+
+    Step time is the sum of its micro-batches' times (data loading excluded). Peak memory is CUDA's
+    max allocated on GPU, the process's peak RSS on CPU.
+    """
+
+    def __init__(self) -> None:
+        self.step_times: list[float] = []
+        self.losses: list[float] = []
+        self.tokens = 0
+        self._elapsed = 0.0
+        self._start = 0.0
+        self._seen_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seen_step = trainer.global_step  # non-zero when resumed
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any) -> None:
+        self._start = time.perf_counter()
+        self.tokens += int(batch["attention_mask"].sum())
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *_: Any) -> None:
+        self._elapsed += time.perf_counter() - self._start
+        if trainer.global_step != self._seen_step:  # an optimizer step was taken
+            self._seen_step = trainer.global_step
+            self.step_times.append(self._elapsed)
+            self._elapsed = 0.0
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None:
+                self.losses.append(float(loss))
+
+    def summary(self) -> dict[str, Any]:
+        """The `train` timing section of results.json (first step excluded as warm-up)."""
+        times = self.step_times[1:] or self.step_times
+        total = sum(self.step_times)
+        return {
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / total if total else None,
+            "step_time_s": {
+                "median": statistics.median(times) if times else None,
+                "p90": float(np.percentile(times, 90)) if times else None,
+            },
+            "peak_memory_bytes": peak_memory_bytes(),
+            "final_loss": self.losses[-1] if self.losses else None,
+        }
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

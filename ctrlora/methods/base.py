@@ -1,0 +1,205 @@
+"""The `Method` protocol, the method registry and the budget arithmetic of METHODS §1.
+
+A method turns the run's budget into ranks, wraps the frozen backbone in a PEFT model, and may add
+a loss term, optimizer parameter groups, callbacks and resumable state. Methods register
+themselves by name with ``@register_method("name")``; `build_method` looks the name up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
+
+from ctrlora.config import BudgetConfig, TrainConfig
+from ctrlora.errors import ConfigError
+
+
+class Method(Protocol):
+    """What the training loop needs from a PEFT method (DESIGN §5)."""
+
+    name: str
+    needs_calibration: bool
+
+    def prepare(self, model: PreTrainedModel, calibration: DataLoader | None) -> PeftModel: ...
+
+    def extra_loss(self, model: PeftModel, step: int) -> Tensor | None: ...
+
+    def param_groups(self, model: PeftModel, lr: float) -> list[dict]: ...
+
+    def callbacks(self) -> list[L.Callback]: ...
+
+    def save_adapter(self, model: PeftModel, out_dir: Path) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+METHODS: dict[str, Callable[..., Method]] = {}
+
+
+def register_method(*names: str) -> Callable[[type], type]:
+    """Class decorator: make the method constructible as ``method=<name>``."""
+
+    def register(cls: type) -> type:
+        for name in names:
+            if name in METHODS:
+                raise ValueError(f"method {name!r} registered twice")
+            METHODS[name] = cls
+        return cls
+
+    return register
+
+
+def build_method(cfg: TrainConfig, total_steps: int, run_dir: Path) -> Method:
+    """Instantiate the method named by ``cfg.method.name``."""
+    import ctrlora.methods  # noqa: F401  (registers the built-in methods)
+
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ConfigError(f"method.name={name!r} is unknown; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name](cfg, total_steps=total_steps, run_dir=run_dir)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The budget of one run, resolved against the backbone (METHODS §1).
+
+    N = backbone parameters, C = Σ_{l∈T} (n_l + m_l) over the target linears, and the
+    uniform-equivalent rank r̄ = floor(ρN / C) (or `budget.rank`); target_params = r̄·C is what a
+    uniform LoRA spends, the yardstick every method is matched to.
+    """
+
+    backbone_params: int
+    rank_cost: int
+    rank: int
+    ratio: float | None
+    target_modules: tuple[str, ...]
+
+    @property
+    def target_params(self) -> int:
+        return self.rank * self.rank_cost
+
+    @property
+    def allowed_params(self) -> int:
+        """ρN for a ratio budget, r̄·C for a rank budget."""
+        if self.ratio is None:
+            return self.target_params
+        return int(math.floor(self.ratio * self.backbone_params))
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Σ p.numel() over the backbone, counting 4-bit packed weights at their logical size."""
+    total = 0
+    for param in model.parameters():
+        quant_state = getattr(param, "quant_state", None)
+        total += math.prod(quant_state.shape) if quant_state is not None else param.numel()
+    return total
+
+
+def target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, tuple[int, int]]:
+    """Fully qualified name -> (d_out, d_in) for every linear whose last name part is a target."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features"):
+            shapes[name] = (module.out_features, module.in_features)
+    if not shapes:
+        raise ConfigError(
+            f"model.target_modules={list(target_modules)} matches no linear layer of the backbone"
+        )
+    return shapes
+
+
+def resolve_budget(budget: BudgetConfig, model: nn.Module, target_modules: list[str]) -> Budget:
+    """Turn `budget.ratio` or `budget.rank` into the uniform-equivalent rank r̄.
+
+    A ratio so small that even rank 1 would exceed ρN is an error (the spec's max(1, ·) would
+    silently overspend the budget).
+    """
+    if (budget.ratio is None) == (budget.rank is None):
+        raise ConfigError(
+            f"set exactly one of budget.ratio and budget.rank (got ratio={budget.ratio}, rank={budget.rank});"
+            " e.g. budget.ratio=0.001 budget.rank=null"
+        )
+    shapes = target_linears(model, target_modules)
+    rank_cost = sum(d_out + d_in for d_out, d_in in shapes.values())
+    backbone_params = parameter_count(model)
+    if budget.rank is not None:
+        if budget.rank < 1:
+            raise ConfigError(f"budget.rank={budget.rank} must be ≥ 1")
+        rank = budget.rank
+    else:
+        if not 0 < budget.ratio < 1:
+            raise ConfigError(f"budget.ratio={budget.ratio} must be in (0, 1)")
+        rank = int(math.floor(budget.ratio * backbone_params / rank_cost))
+        if rank < 1:
+            raise ConfigError(
+                f"budget.ratio={budget.ratio} gives rank 0: ρN = {budget.ratio * backbone_params:.0f}"
+                f" parameters < {rank_cost} per rank unit over {len(shapes)} target modules. Raise"
+                f" budget.ratio to at least {rank_cost / backbone_params:.2g} or set budget.rank."
+            )
+    return Budget(backbone_params, rank_cost, rank, budget.ratio, tuple(sorted(shapes)))
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class MethodBase:
+    """Defaults of the protocol: no extra loss, one parameter group, no callbacks, no state."""
+
+    name: str = "base"
+    needs_calibration: bool = False
+
+    def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.run_dir = Path(run_dir)
+        self.name = cfg.method.name
+        self.budget: Budget | None = None
+
+    def extra_loss(self, model: PeftModel, step: int) -> Tensor | None:
+        return None
+
+    def param_groups(self, model: PeftModel, lr: float) -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def callbacks(self) -> list[L.Callback]:
+        return []
+
+    def save_adapter(self, model: PeftModel, out_dir: Path) -> None:
+        model.save_pretrained(out_dir)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What results.json records about the budget."""
+        assert self.budget is not None, "prepare() resolves the budget"
+        return {
+            "rank": self.budget.rank,
+            "ratio": self.budget.ratio,
+            "backbone_params": self.budget.backbone_params,
+            "target_params": self.budget.target_params,
+            "allowed_params": self.budget.allowed_params,
+        }
+
+
+def to_float32_trainables(model: nn.Module) -> None:
+    """Keep adapter weights in fp32 whatever the backbone dtype (stable AdamW updates)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()

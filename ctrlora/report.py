@@ -1,0 +1,144 @@
+"""Run outputs: the stock PEFT adapter, results.json (EVALUATION §2), summary.md, the loss curve."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import asdict
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from ctrlora.config import TrainConfig
+from ctrlora.lit import RunStats
+from ctrlora.methods.base import Method, trainable_parameter_count
+
+RUN_LOCAL_KEYS = ("run_dir", "resume", "overwrite")  # do not change what a run computes
+PACKAGES = ("torch", "transformers", "peft", "lightning", "lm_eval", "ctrlora")
+
+
+def run_name(cfg: TrainConfig) -> str:
+    return f"{cfg.model.name}-{cfg.method.name}-{cfg.data.name}-s{cfg.seed}"
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """sha256 of the resolved config without the keys that only say where/how to write."""
+    container = asdict(cfg)
+    for key in RUN_LOCAL_KEYS:
+        container.pop(key, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except Exception:  # noqa: BLE001 — a missing package is reported as None
+            versions[name] = None
+    return versions
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a fully written `staging` dir onto `target` (so a crash never leaves it half-written)."""
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def save_adapter(method: Method, model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """Stock PEFT format (adapter_config.json + adapter_model.safetensors) plus the tokenizer."""
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    method.save_adapter(model, staging)
+    tokenizer.save_pretrained(staging)
+    replace_dir(staging, out_dir)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a reader sees the old file or the complete new one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(partial, path)
+
+
+def build_results(
+    cfg: TrainConfig, *, method: Method, model: PeftModel, stats: RunStats, trainer: L.Trainer,
+    started_at: str, wall_s: float,
+) -> dict[str, Any]:
+    budget = {**method.describe(), "trainable_params": trainable_parameter_count(model)}
+    train = {"steps": trainer.global_step, **stats.summary(), "loss_curve": "loss_curve.png"}
+    curvature = getattr(method, "curvature_summary", None)
+    if curvature is not None:
+        train["curvature"] = curvature()
+    results: dict[str, Any] = {
+        "run": {
+            "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,
+            "eval_suite": cfg.eval.suite, "seed": cfg.seed, "budget": budget,
+            "config_hash": config_hash(cfg), "run_dir": str(cfg.run_dir),
+            "started_at": started_at, "wall_s": round(wall_s, 3),
+        },
+        "meta": {
+            "versions": package_versions(), "git_sha": git_sha(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "world_size": trainer.world_size, "precision": str(trainer.precision),
+        },
+        "train": train,
+    }
+    allocation = getattr(method, "allocation_summary", None)
+    if allocation is not None:
+        results["allocation"] = allocation()
+    return results
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    run, train = results["run"], results["train"]
+    budget = run["budget"]
+    step = train["step_time_s"]["median"]
+    lines = [
+        f"# {run['method']} on {run['model']} ({run['data']}, seed {run['seed']})",
+        "",
+        "| item | value |",
+        "|---|---|",
+        f"| budget rank r̄ | {budget['rank']} |",
+        f"| trainable / target params | {budget['trainable_params']:,} / {budget['target_params']:,} |",
+        f"| steps | {train['steps']} |",
+        f"| final loss | {train['final_loss']:.4f} |" if train["final_loss"] is not None else "| final loss | – |",
+        f"| median step time | {step * 1e3:.1f} ms |" if step else "| median step time | – |",
+        f"| tokens/s | {train['tokens_per_s']:.0f} |" if train["tokens_per_s"] else "| tokens/s | – |",
+        f"| wall time | {run['wall_s']:.1f} s |",
+    ]
+    for task, metrics in results.get("eval", {}).items():
+        if task == "base":
+            continue
+        for metric, value in metrics.items():
+            if isinstance(value, dict):
+                lines.append(f"| {task} {metric} | {value['value']:.4f} ± {value.get('stderr') or 0:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(run_dir: Path, results: dict[str, Any], stats: RunStats) -> None:
+    """The loss curve and summary.md first, results.json last (its presence marks a finished run)."""
+    from ctrlora.plots import loss_curve
+
+    loss_curve(list(range(1, len(stats.losses) + 1)), stats.losses, run_dir / "loss_curve.png")
+    (run_dir / "summary.md").write_text(summary_markdown(results))
+    write_json(run_dir / "results.json", results)

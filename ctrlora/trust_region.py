@@ -1,0 +1,137 @@
+"""CTR-LoRA's trust region: a curvature-metric penalty on the adapter update (METHODS §6.2).
+
+The training loss is ``L_task + λ(t) Σ_l ‖s_l B_l A_l‖²_{M_l}`` with the Kronecker metric
+``M_l = S_g ⊗ S_a`` of module l, ``‖X‖²_M = tr(Xᵀ S_g X S_a)``. It is a soft penalty on the whole
+adapter update (the displacement from the pretrained weight), annealed to 0 over training.
+
+PEFT layout: a LoRA-wrapped ``nn.Linear`` (``W ∈ R^{m×n}``, m = out_features, n = in_features)
+holds ``lora_A[adapter].weight`` of shape ``(r, n)`` = A and ``lora_B[adapter].weight`` of shape
+``(m, r)`` = B, and adds ``scaling[adapter] · B A x``; so the tensors go in as they are stored,
+no transposes. ``peft_lora_weights`` collects them from a ``PeftModel``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class SymmetricFactor(Protocol):
+    """A symmetric PSD Kronecker factor S (d×d) that can multiply a block of columns."""
+
+    def apply(self, X: Tensor) -> Tensor:
+        """``S @ X`` for ``X`` of shape ``(d, k)``."""
+        ...
+
+
+def kronecker_penalty(
+    B: Tensor, A: Tensor, scaling: float, s_g: SymmetricFactor, s_a: SymmetricFactor
+) -> Tensor:
+    """``‖s B A‖²_M = s² tr((BA)ᵀ S_g (BA) S_a) = s² tr((Bᵀ S_g B)(A S_a Aᵀ))``.
+
+    By cyclicity of the trace, ``tr(Aᵀ Bᵀ S_g B A S_a) = tr((Bᵀ S_g B)(A S_a Aᵀ))``, a product of two
+    r×r Gram matrices: ``S_g`` multiplies the r columns of B (m×r) and ``S_a`` the r columns of Aᵀ
+    (n×r), costing two factor-times-block products plus O((m+n) r²) — never an m×n matrix. The
+    trace of a product of two matrices is the sum of the elementwise product of one with the
+    other's transpose. Differentiable in A and B. Computed in at least fp32 (bf16/fp16 adapters
+    are upcast); the factors must accept that dtype and live on the adapters' device.
+    """
+    dtype = torch.promote_types(B.dtype, torch.float32)
+    B, A = B.to(dtype), A.to(dtype)
+    gram_g = B.T @ s_g.apply(B).to(dtype)  # Bᵀ S_g B, r×r
+    gram_a = A @ s_a.apply(A.T).to(dtype)  # A S_a Aᵀ, r×r
+    return scaling**2 * (gram_g * gram_a.T).sum()
+
+
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """Penalty weight ``λ(t)`` annealed from ``λ₀`` at step 0 to 0 at ``total_steps`` = T.
+
+    cosine: ``λ₀ · ½ (1 + cos(π t / T))``; linear: ``λ₀ (1 − t / T)``; constant: ``λ₀``.
+    The step is clamped to ``[0, T]``.
+    """
+
+    kind: str
+    lambda0: float
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown lambda schedule {self.kind!r}; choose one of {list(SCHEDULES)}")
+        if not self.lambda0 >= 0:
+            raise ValueError(f"lambda0 must be >= 0, got {self.lambda0}")
+        if self.total_steps <= 0:
+            raise ValueError(f"total_steps must be > 0, got {self.total_steps}")
+
+    def __call__(self, step: int) -> float:
+        progress = min(max(step, 0), self.total_steps) / self.total_steps
+        if self.kind == "cosine":
+            return self.lambda0 * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.kind == "linear":
+            return self.lambda0 * (1.0 - progress)
+        return self.lambda0
+
+
+@dataclass
+class ModuleMetric:
+    """The trust-region metric of one adapted module: its Kronecker factors and LoRA scaling."""
+
+    s_g: SymmetricFactor  # output-gradient factor, m×m
+    s_a: SymmetricFactor  # input-activation factor, n×n
+    scaling: float  # s = PEFT's scaling[adapter] of this module
+
+
+class TrustRegionPenalty:
+    """``Σ_l ‖s_l B_l A_l‖²_{M_l}`` over the adapted modules (without λ: multiply by λ(t)).
+
+    ``metrics`` maps module names to their ``ModuleMetric``; ``update`` swaps in refreshed factors
+    (METHODS §6.3). Calling it with ``{name: (B, A)}`` sums ``kronecker_penalty`` over exactly the
+    modules of ``metrics``; a module missing from the adapters is an error, so a renamed or
+    dropped module can never silently leave the penalty.
+    """
+
+    def __init__(self, metrics: Mapping[str, ModuleMetric]) -> None:
+        if not metrics:
+            raise ValueError("TrustRegionPenalty needs at least one module metric")
+        self.metrics = dict(metrics)
+
+    def update(self, name: str, metric: ModuleMetric) -> None:
+        """Replace the metric of a module (after a curvature refresh)."""
+        if name not in self.metrics:
+            raise KeyError(f"module {name!r} has no trust-region metric; known: {sorted(self.metrics)}")
+        self.metrics[name] = metric
+
+    def __call__(self, adapters: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
+        missing = sorted(set(self.metrics) - set(adapters))
+        if missing:
+            raise KeyError(f"no LoRA weights given for modules {missing}")
+        terms = [
+            kronecker_penalty(*adapters[name], metric.scaling, metric.s_g, metric.s_a)
+            for name, metric in self.metrics.items()
+        ]
+        return torch.stack(terms).sum()
+
+
+def peft_lora_weights(model: nn.Module, adapter: str = "default") -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module name: (B, A)}`` of every LoRA layer of a ``PeftModel`` for ``adapter``.
+
+    B is ``lora_B[adapter].weight`` (m×r) and A is ``lora_A[adapter].weight`` (r×n), the live
+    parameters (gradients flow). Names are those of the base model (PEFT's ``base_model.model.``
+    prefix removed), i.e. the names the curvature estimators hook, e.g.
+    ``model.layers.0.self_attn.q_proj``.
+    """
+    prefix = "base_model.model."
+    weights = {}
+    for name, module in model.named_modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
+            key = name[len(prefix) :] if name.startswith(prefix) else name
+            weights[key] = (lora_b[adapter].weight, lora_a[adapter].weight)
+    return weights

@@ -1,0 +1,39 @@
+"""Offline, sandboxed test environment; helpers to compose configs and run training in-process."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SANDBOX = Path(tempfile.mkdtemp(prefix="ctrlora-tests-"))
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(_SANDBOX / "hf"), "WANDB_DIR": str(_SANDBOX / "wandb"),
+    "MPLCONFIGDIR": str(_SANDBOX / "mpl"), "CTRLORA_CACHE": str(_SANDBOX / "ctrlora"),
+}.items():
+    os.environ[_key] = _value
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from ctrlora.config import register_configs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(2)
+register_configs()
+
+FAST = ["trainer.progress_bar=false", "trainer.max_steps=20", "trainer.checkpoint_every_n_steps=10"]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose conf/train.yaml as `python train.py <overrides>` would."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # bundled data paths are relative to the repository root
