@@ -36,5 +36,6 @@ def calibration_dataloader(
     """This rank's shard of the calibration subset, in fixed order, ``cfg.batch_size`` per batch."""
     indices = calibration_indices(len(examples), cfg.num_samples, cfg.seed)[rank::world_size]
     return DataLoader(
-        Subset(examples, indices), batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_fn
+        Subset(examples, indices), batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(cfg.seed),  # iterating must not draw from the global RNG
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -221,8 +222,11 @@ class FinetuneDataModule(L.LightningDataModule):
             rank=rank,
             start_batch=start_batch,
         )
+        # its own generator: creating the iterator must not draw from the global RNG, or a resumed
+        # run's dropout masks would be one draw off the uninterrupted run's
         return DataLoader(
-            self._sequences, batch_sampler=sampler, collate_fn=self.collator, num_workers=self.cfg.num_workers
+            self._sequences, batch_sampler=sampler, collate_fn=self.collator, num_workers=self.cfg.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def calibration_dataloader(self, world_size: int | None = None, rank: int | None = None) -> DataLoader:
