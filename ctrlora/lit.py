@@ -40,6 +40,7 @@ class FinetuneModule(L.LightningModule):
         self.total_steps = total_steps
         self.strict_loading = False  # checkpoints carry the trainable weights only
         self.model.train()  # from_pretrained leaves the backbone in eval mode (dropout off)
+        self.resumed_from_step = 0
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         task_loss = self.model(**batch).loss
@@ -75,6 +76,7 @@ class FinetuneModule(L.LightningModule):
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.resumed_from_step = checkpoint["global_step"]
         self.method.load_state_dict(checkpoint.get("method_state", {}))
         set_rng_states(checkpoint["rng_states"])
 

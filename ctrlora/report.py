@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -73,6 +74,32 @@ def save_adapter(method: Method, model: PeftModel, tokenizer: PreTrainedTokenize
     replace_dir(staging, out_dir)
 
 
+def set_aside_metrics(run_dir: Path) -> Path | None:
+    """Before a resumed fit: move metrics.csv aside (Lightning's CSV logger would delete it)."""
+    metrics = run_dir / "metrics.csv"
+    if not metrics.exists():
+        return None
+    previous = run_dir / "metrics.before-resume.csv"
+    os.replace(metrics, previous)
+    return previous
+
+
+def merge_resumed_metrics(run_dir: Path, previous: Path, resumed_from_step: int) -> None:
+    """metrics.csv = the earlier rows logged before the resumed checkpoint's step + the new rows."""
+    with open(previous, newline="") as file:
+        old = [row for row in csv.DictReader(file) if int(row["step"]) < resumed_from_step]
+    with open(run_dir / "metrics.csv", newline="") as file:
+        new = list(csv.DictReader(file))
+    columns = sorted({key for row in old + new for key in row})
+    partial = run_dir / "metrics.csv.partial"
+    with open(partial, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(old + new)
+    os.replace(partial, run_dir / "metrics.csv")
+    previous.unlink()
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write atomically: a reader sees the old file or the complete new one."""
     partial = path.with_name(path.name + ".partial")
@@ -135,10 +162,17 @@ def summary_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(run_dir: Path, results: dict[str, Any], stats: RunStats) -> None:
+def logged_losses(run_dir: Path) -> tuple[list[int], list[float]]:
+    """(step, train/loss) pairs from metrics.csv, whole history included after a resume."""
+    with open(run_dir / "metrics.csv", newline="") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("train/loss")]
+    return [int(row["step"]) + 1 for row in rows], [float(row["train/loss"]) for row in rows]
+
+
+def write_outputs(run_dir: Path, results: dict[str, Any]) -> None:
     """The loss curve and summary.md first, results.json last (its presence marks a finished run)."""
     from ctrlora.plots import loss_curve
 
-    loss_curve(list(range(1, len(stats.losses) + 1)), stats.losses, run_dir / "loss_curve.png")
+    loss_curve(*logged_losses(run_dir), run_dir / "loss_curve.png")
     (run_dir / "summary.md").write_text(summary_markdown(results))
     write_json(run_dir / "results.json", results)

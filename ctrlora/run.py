@@ -94,17 +94,20 @@ def train(composed: DictConfig) -> dict[str, Any]:
         log.info("run_dir=%s is already finished; nothing to resume", run_dir)
         return json.loads((run_dir / "results.json").read_text())
     OmegaConf.save(composed, run_dir / "config.yaml", resolve=True)
+    previous_metrics = report.set_aside_metrics(run_dir) if cfg.resume else None
     run = assemble(cfg, run_dir)
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path="last" if cfg.resume else None)
     if run.trainer.interrupted:
         raise KeyboardInterrupt(f"training interrupted; resume with resume=true run_dir={run_dir}")
     if not run.trainer.is_global_zero:
         return {}
+    if previous_metrics is not None:
+        report.merge_resumed_metrics(run_dir, previous_metrics, run.module.resumed_from_step)
 
     report.save_adapter(run.method, run.model, run.tokenizer, run_dir / "adapter")
     results = report.build_results(
         cfg, method=run.method, model=run.model, stats=run.stats, trainer=run.trainer,
         started_at=started_at, wall_s=time.perf_counter() - start,
     )
-    report.write_outputs(run_dir, results, run.stats)
+    report.write_outputs(run_dir, results)
     return results

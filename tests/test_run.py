@@ -107,6 +107,7 @@ def test_run_stopped_after_first_checkpoint_and_resumed_matches_uninterrupted(tm
 
     results = train(compose_config([f"run_dir={stopped}", "resume=true", *FAST]))
     assert results["train"]["steps"] == 20
+    assert report.logged_losses(stopped) == report.logged_losses(full)  # history kept across the stop
     expected = load_file(full / "adapter" / "adapter_model.safetensors")
     resumed = load_file(stopped / "adapter" / "adapter_model.safetensors")
     assert expected.keys() == resumed.keys()
