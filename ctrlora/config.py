@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.errors import ConfigError
 from ctrlora.evaluation.config import EvalConfig
+from ctrlora.methods.settings import CgSettings, CtrSettings, SensitivitySettings
 
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -81,6 +82,9 @@ class MethodConfig:
     loraplus_ratio: float | None = None  # lr(B) / lr(A)
     scaling: str = "constant"  # unequal ranks: constant | rslora | standard
     adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
+    sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
+    cg: CgSettings = field(default_factory=CgSettings)
+    ctr: CtrSettings = field(default_factory=CtrSettings)
 
 
 @dataclass

@@ -51,6 +51,8 @@ class FinetuneModule(L.LightningModule):
             )
         self.log("train/loss", task_loss, prog_bar=True)
         extra = self.method.extra_loss(self.model, self.global_step)
+        for name, value in self.method.step_metrics().items():
+            self.log(f"method/{name}", value)
         if extra is None:
             return task_loss
         self.log("train/extra_loss", extra)

@@ -22,7 +22,7 @@ from ctrlora.config import TrainConfig, validate_config
 from ctrlora.data.datamodule import FinetuneDataModule
 from ctrlora.errors import RunDirError
 from ctrlora.lit import FinetuneModule, RunStats
-from ctrlora.methods import Method, build_method
+from ctrlora.methods.base import Method, build_method
 from ctrlora.trainers import build_loggers, build_trainer
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,1 @@
-"""PEFT methods, each registered by name (see `base.register_method`)."""
-
-from ctrlora.methods import adalora, lora_family  # noqa: F401  (registration side effects)
-from ctrlora.methods.base import METHODS, Method, build_method
-
-__all__ = ["METHODS", "Method", "build_method"]
+"""PEFT methods, one module each, registered by name (`base.register_method`, `base.build_method`)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +41,8 @@ class Method(Protocol):
 
     def save_adapter(self, model: PeftModel, out_dir: Path) -> None: ...
 
+    def step_metrics(self) -> dict[str, float]: ...
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -63,7 +66,7 @@ def register_method(*names: str) -> Callable[[type], type]:
 
 def build_method(cfg: TrainConfig, total_steps: int, run_dir: Path) -> Method:
     """Instantiate the method named by ``cfg.method.name``."""
-    import ctrlora.methods  # noqa: F401  (registers the built-in methods)
+    import_module("ctrlora.methods.builtin")  # registers the built-in methods
 
     name = cfg.method.name
     if name not in METHODS:
@@ -179,6 +182,10 @@ class MethodBase:
 
     def save_adapter(self, model: PeftModel, out_dir: Path) -> None:
         model.save_pretrained(out_dir)
+
+    def step_metrics(self) -> dict[str, float]:
+        """Scalars to log every step under `method/` (e.g. CTR-LoRA's λ and penalty)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
