@@ -7,6 +7,7 @@ unknown group choice fails listing the available options (Hydra's own message).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,6 +216,20 @@ def validate_config(cfg: DictConfig) -> None:
         )
 
 
+def dir_name(overrides: str, max_length: int = 120) -> str:
+    """A run dir name from Hydra's `override_dirname`: `default` when empty, hashed tail when long.
+
+    File names are capped at 255 bytes, and a sweep easily has more overrides than that.
+    """
+    if not overrides:
+        return "default"
+    if len(overrides) <= max_length:
+        return overrides.replace("/", "_")
+    digest = hashlib.sha256(overrides.encode()).hexdigest()[:10]
+    return f"{overrides[: max_length - 11].replace('/', '_')}-{digest}"
+
+
 def register_configs() -> None:
-    """Register the schema that `conf/train.yaml` extends (idempotent)."""
+    """Register the schema that `conf/train.yaml` extends and the `dir_name` resolver (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("dir_name", dir_name, replace=True)

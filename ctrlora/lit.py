@@ -42,14 +42,25 @@ class FinetuneModule(L.LightningModule):
         self.model.train()  # from_pretrained leaves the backbone in eval mode (dropout off)
         self.resumed_from_step = 0
 
+    def task_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The model's loss. Under data parallelism a causal LM's token losses are summed and divided by
+        the token count of the whole (all-rank) batch over the world size, so that DDP's gradient
+        averaging gives exactly the global per-token mean that one process with the same batch gets.
+        """
+        if self.trainer.world_size == 1 or batch["labels"].dim() == 1:  # one process, or classification
+            return self.model(**batch).loss
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        all_tokens = self.trainer.strategy.reduce(tokens.float(), reduce_op="sum")
+        return self.model(**batch, num_items_in_batch=all_tokens / self.trainer.world_size).loss
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        task_loss = self.model(**batch).loss
+        task_loss = self.task_loss(batch)
         if not torch.isfinite(task_loss):
             raise NonFiniteLossError(
                 f"non-finite loss ({task_loss.item()}) at step {self.global_step}; the last good"
                 " checkpoint in run_dir/checkpoints is intact — lower optim.lr or check the data"
             )
-        self.log("train/loss", task_loss, prog_bar=True)
+        self.log("train/loss", task_loss, prog_bar=True, sync_dist=True)
         extra = self.method.extra_loss(self.model, self.global_step)
         for name, value in self.method.step_metrics().items():
             self.log(f"method/{name}", value)

@@ -1,0 +1,44 @@
+"""Data parallelism on CPU (gloo): 2-process DDP follows the 1-process loss curve of the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from ctrlora.report import logged_losses
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.process_group_backend=gloo",
+       "trainer.precision=32-true"]
+COMMON = ["trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4", "trainer.progress_bar=false",
+          "method.dropout=0.0", "optim.lr=5e-3", "calibration.num_samples=64"]
+
+
+def run_train(run_dir: Path, *overrides: str) -> dict:
+    """`python train.py ...` in a subprocess, as a user (and Lightning's DDP launcher) runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "train.py", f"run_dir={run_dir}", *overrides], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora"])
+def test_ddp_matches_single_process_with_the_same_global_batch(tmp_path: Path, method: str) -> None:
+    single = run_train(tmp_path / "single", f"method={method}", "data.batch_size=8", *COMMON)
+    ddp = run_train(tmp_path / "ddp", f"method={method}", "data.batch_size=4", *DDP, *COMMON)
+    assert (single["meta"]["world_size"], ddp["meta"]["world_size"]) == (1, 2)
+    steps_single, losses_single = logged_losses(tmp_path / "single")
+    steps_ddp, losses_ddp = logged_losses(tmp_path / "ddp")
+    assert steps_single == steps_ddp == list(range(1, 9))
+    assert losses_ddp == pytest.approx(losses_single, rel=1e-5)
+    assert losses_single[-1] < losses_single[0]
+    # one run dir, written once (by rank 0)
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in (tmp_path / "single").iterdir() if not p.name.startswith(".")
+    )
