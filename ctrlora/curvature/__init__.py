@@ -1,30 +1,36 @@
-"""Curvature estimators (METHODS §3): activation moments, K-FAC factors, Hutchinson diagonals."""
+"""Curvature estimators (METHODS §3): activation moments, K-FAC factors, Hutchinson diagonals.
 
-from ctrlora.curvature.config import CurvatureConfig
-from ctrlora.curvature.estimate import ESTIMATORS, estimate_curvature
-from ctrlora.curvature.factors import DenseFactor, DiagonalFactor, Factor, LowRankFactor, damped_pair
-from ctrlora.curvature.hooks import find_targets
-from ctrlora.curvature.hutchinson import kronecker_fit
-from ctrlora.curvature.memory import StoragePlan, memory_report, plan_storage
-from ctrlora.curvature.result import CurvatureReport, CurvatureResult, ModuleCurvature
-from ctrlora.curvature.spectra import whitened_gradient_svd
+Public names are imported lazily, so `ctrlora.curvature.config` (used by the Hydra schema) stays
+cheap to import.
+"""
 
-__all__ = [
-    "ESTIMATORS",
-    "CurvatureConfig",
-    "CurvatureReport",
-    "CurvatureResult",
-    "DenseFactor",
-    "DiagonalFactor",
-    "Factor",
-    "LowRankFactor",
-    "ModuleCurvature",
-    "StoragePlan",
-    "damped_pair",
-    "estimate_curvature",
-    "find_targets",
-    "kronecker_fit",
-    "memory_report",
-    "plan_storage",
-    "whitened_gradient_svd",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "CurvatureConfig": "config",
+    "ESTIMATORS": "estimate",
+    "estimate_curvature": "estimate",
+    "Factor": "factors",
+    "DenseFactor": "factors",
+    "LowRankFactor": "factors",
+    "DiagonalFactor": "factors",
+    "damped_pair": "factors",
+    "find_targets": "hooks",
+    "kronecker_fit": "hutchinson",
+    "StoragePlan": "memory",
+    "memory_report": "memory",
+    "plan_storage": "memory",
+    "CurvatureReport": "result",
+    "CurvatureResult": "result",
+    "ModuleCurvature": "result",
+    "whitened_gradient_svd": "spectra",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
