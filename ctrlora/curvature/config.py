@@ -34,6 +34,7 @@ class CurvatureConfig:
     factor_rank: int = 256
     grad_mode: str = "dense"  # dense | sketch (randomized range sketch of the whitened gradient)
     sketch_oversampling: int = 10  # sketch: extra range columns beyond the requested rank
+    sketch_power_iters: int = 0  # sketch: power iterations (two more calibration passes each)
     max_factor_gb: float | None = None  # memory cap (1e9 bytes): truncation and layer groups chosen to fit
     keep_checkpointing: bool = True  # keep a model's activation checkpointing engaged in calibration passes
     cache_dir: str | None = None  # on-disk cache of estimates; null disables
@@ -50,5 +51,6 @@ class CurvatureConfig:
         _check_positive("dense_max_dim", self.dense_max_dim, allow_zero=True)
         _check_positive("factor_rank", self.factor_rank)
         _check_positive("sketch_oversampling", self.sketch_oversampling, allow_zero=True)
+        _check_positive("sketch_power_iters", self.sketch_power_iters, allow_zero=True)
         if self.max_factor_gb is not None:
             _check_positive("max_factor_gb", self.max_factor_gb)

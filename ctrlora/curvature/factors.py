@@ -1,0 +1,372 @@
+"""Symmetric positive semi-definite curvature factors and their storage (METHODS §3).
+
+A `Factor` is one side of a Kronecker pair, `S_a` (d_in x d_in) or `S_g` (d_out x d_out), or the
+diagonal of a Hutchinson fit. Three storages share one interface:
+
+- `DenseFactor`: the matrix itself; roots come from its (cached) eigendecomposition.
+- `LowRankFactor`: the top-k eigenpairs plus the mean of the remaining eigenvalues as an isotropic
+  term, ``S = U diag(λ) Uᵀ + σ (I − U Uᵀ)``. Every operation costs O(dim·k) per column, and
+  ``S^p = U diag(λ^p) Uᵀ + σ^p (I − U Uᵀ)``, so inverse roots need no dim x dim matrix.
+- `DiagonalFactor`: ``S = diag(d)``.
+
+Estimators store raw statistics; consumers call ``damped(gamma)`` (and ``normalized()`` for the
+trust region) on the stored factor. Factors are immutable: those two return new factors.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _scale_rows(scale: Tensor, x: Tensor) -> Tensor:
+    """``diag(scale) @ x`` for x of shape (dim,) or (dim, k)."""
+    return scale * x if x.dim() == 1 else scale.unsqueeze(-1) * x
+
+
+def _check_operand(factor: Factor, x: Tensor) -> None:
+    if x.dim() not in (1, 2) or x.shape[0] != factor.dim:
+        raise ValueError(
+            f"expected an operand of shape ({factor.dim},) or ({factor.dim}, k), got {tuple(x.shape)}"
+        )
+
+
+def _checked_power(eigvals: Tensor, power: float) -> Tensor:
+    """``eigvals ** power`` with negative round-off clamped to 0; a singular factor has no negative power."""
+    eigvals = eigvals.clamp_min(0)
+    if power < 0 and bool((eigvals == 0).any()):
+        raise ValueError(
+            "the factor is singular, so it has no negative power: damp it first (factor.damped(gamma))"
+        )
+    return eigvals.pow(power)
+
+
+class Factor(ABC):
+    """A symmetric PSD matrix S of size dim x dim in some storage (see the module docstring)."""
+
+    dim: int
+
+    @abstractmethod
+    def apply(self, x: Tensor) -> Tensor:
+        """``S @ x`` for x of shape (dim,) or (dim, k), in the factor's dtype."""
+
+    @abstractmethod
+    def power_apply(self, x: Tensor, power: float) -> Tensor:
+        """``S^power @ x`` from the eigendecomposition (raises for negative powers of a singular S)."""
+
+    @abstractmethod
+    def dense(self) -> Tensor:
+        """The dim x dim matrix (for tests and small factors)."""
+
+    @abstractmethod
+    def trace(self) -> float:
+        """``tr S``."""
+
+    @abstractmethod
+    def eigenvalues(self) -> Tensor:
+        """All dim eigenvalues, descending (the isotropic level repeated for a low-rank factor)."""
+
+    @abstractmethod
+    def shifted(self, shift: float) -> Factor:
+        """``S + shift·I`` as a new factor of the same storage."""
+
+    @abstractmethod
+    def scaled(self, scale: float) -> Factor:
+        """``scale·S`` as a new factor of the same storage."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors, by name (the state dict without the storage tag)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.tensors().values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors().values())).device
+
+    def inverse_root_apply(self, x: Tensor) -> Tensor:
+        """``S^{-1/2} @ x`` (damp a singular factor first)."""
+        return self.power_apply(x, -0.5)
+
+    def root_apply(self, x: Tensor) -> Tensor:
+        """``S^{1/2} @ x``."""
+        return self.power_apply(x, 0.5)
+
+    def quadratic_form(self, x: Tensor) -> Tensor:
+        """``xᵀ S x`` (k x k for x of shape (dim, k)); differentiable in x."""
+        return x.to(self.dtype).transpose(0, -1) @ self.apply(x)
+
+    def mean_eigenvalue(self) -> float:
+        """``tr S / dim``."""
+        return self.trace() / self.dim
+
+    def damped(self, gamma: float) -> Factor:
+        """``S + γ·(tr S / dim)·I``: damping relative to the mean eigenvalue."""
+        return self.shifted(gamma * self.mean_eigenvalue())
+
+    def normalized(self) -> Factor:
+        """``S / (tr S / dim)``: unit mean eigenvalue, so trust-region weights compare across layers."""
+        mean = self.mean_eigenvalue()
+        if mean <= 0:
+            raise ValueError("cannot normalise a factor whose trace is zero")
+        return self.scaled(1.0 / mean)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Factor:
+        """The same factor with its tensors moved/cast."""
+        return type(self).from_state_dict(
+            {
+                "storage": self.storage,
+                **{k: v.to(device=device, dtype=dtype) for k, v in self.tensors().items()},
+            }
+        )
+
+    @property
+    @abstractmethod
+    def storage(self) -> str:
+        """'dense', 'low_rank' or 'diagonal'."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors plus the storage tag; `factor_from_state_dict` inverts it (loads with weights_only)."""
+        return {"storage": self.storage, **self.tensors()}
+
+    @classmethod
+    @abstractmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Factor:
+        """Inverse of `state_dict`."""
+
+
+class DenseFactor(Factor):
+    """S stored as a dense matrix; its eigendecomposition is computed once, on first use of a root."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"a dense factor needs a square matrix, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.dim = matrix.shape[0]
+        self._eigh: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def storage(self) -> str:
+        return "dense"
+
+    def eigh(self) -> tuple[Tensor, Tensor]:
+        """Ascending eigenvalues and eigenvectors of the symmetrised matrix (cached)."""
+        if self._eigh is None:
+            self._eigh = torch.linalg.eigh((self.matrix + self.matrix.T) / 2)
+        return self._eigh
+
+    def apply(self, x: Tensor) -> Tensor:
+        _check_operand(self, x)
+        return self.matrix @ x.to(self.matrix.dtype)
+
+    def power_apply(self, x: Tensor, power: float) -> Tensor:
+        _check_operand(self, x)
+        eigvals, eigvecs = self.eigh()
+        return eigvecs @ _scale_rows(_checked_power(eigvals, power), eigvecs.T @ x.to(eigvecs.dtype))
+
+    def dense(self) -> Tensor:
+        return self.matrix
+
+    def trace(self) -> float:
+        return float(self.matrix.diagonal().sum())
+
+    def eigenvalues(self) -> Tensor:
+        return self.eigh()[0].flip(0)
+
+    def shifted(self, shift: float) -> DenseFactor:
+        eye = torch.eye(self.dim, dtype=self.matrix.dtype, device=self.matrix.device)
+        return self._with_eigh(DenseFactor(self.matrix + shift * eye), lambda values: values + shift)
+
+    def scaled(self, scale: float) -> DenseFactor:
+        return self._with_eigh(DenseFactor(self.matrix * scale), lambda values: values * scale)
+
+    def _with_eigh(self, factor: DenseFactor, map_eigvals: Callable[[Tensor], Tensor]) -> DenseFactor:
+        """Hand a computed eigendecomposition on to a shifted/scaled copy (same eigenvectors)."""
+        if self._eigh is not None:
+            factor._eigh = (map_eigvals(self._eigh[0]), self._eigh[1])
+        return factor
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"matrix": self.matrix}
+
+    def truncated(self, rank: int) -> LowRankFactor:
+        """Top-`rank` eigenpairs plus the mean of the other eigenvalues (trace preserved)."""
+        if not 0 < rank < self.dim:
+            raise ValueError(
+                f"rank must lie in [1, {self.dim - 1}] for a factor of dim {self.dim}, got {rank}"
+            )
+        eigvals, eigvecs = self.eigh()
+        top = eigvals[-rank:].flip(0).clamp_min(0)
+        rest = eigvals[:-rank].clamp_min(0).mean()
+        return LowRankFactor(eigvecs[:, -rank:].flip(1).contiguous(), top, rest)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> DenseFactor:
+        return cls(state["matrix"])
+
+
+class LowRankFactor(Factor):
+    """``S = U diag(λ) Uᵀ + σ (I − U Uᵀ)`` with orthonormal U (dim x k), λ (k,) and scalar σ."""
+
+    def __init__(self, eigvecs: Tensor, eigvals: Tensor, isotropic: Tensor) -> None:
+        if eigvecs.dim() != 2 or eigvals.shape != (eigvecs.shape[1],) or isotropic.dim() != 0:
+            raise ValueError(
+                "a low-rank factor needs eigvecs (dim, k), eigvals (k,) and a scalar isotropic term, got "
+                f"{tuple(eigvecs.shape)}, {tuple(eigvals.shape)}, {tuple(isotropic.shape)}"
+            )
+        self.eigvecs, self.eigvals, self.isotropic = eigvecs, eigvals, isotropic
+        self.dim = eigvecs.shape[0]
+
+    @property
+    def storage(self) -> str:
+        return "low_rank"
+
+    @property
+    def rank(self) -> int:
+        return self.eigvecs.shape[1]
+
+    def power_apply(self, x: Tensor, power: float) -> Tensor:
+        _check_operand(self, x)
+        x = x.to(self.eigvecs.dtype)
+        top = _checked_power(self.eigvals, power)
+        rest = _checked_power(self.isotropic.reshape(1), power)[0]
+        return rest * x + self.eigvecs @ _scale_rows(top - rest, self.eigvecs.T @ x)
+
+    def apply(self, x: Tensor) -> Tensor:
+        _check_operand(self, x)
+        x = x.to(self.eigvecs.dtype)
+        return self.isotropic * x + self.eigvecs @ _scale_rows(
+            self.eigvals - self.isotropic, self.eigvecs.T @ x
+        )
+
+    def quadratic_form(self, x: Tensor) -> Tensor:
+        _check_operand(self, x)
+        x = x.to(self.eigvecs.dtype)
+        projected = self.eigvecs.T @ x
+        return self.isotropic * (x.transpose(0, -1) @ x) + projected.transpose(0, -1) @ _scale_rows(
+            self.eigvals - self.isotropic, projected
+        )
+
+    def dense(self) -> Tensor:
+        eye = torch.eye(self.dim, dtype=self.eigvecs.dtype, device=self.eigvecs.device)
+        return self.isotropic * eye + self.eigvecs @ _scale_rows(
+            self.eigvals - self.isotropic, self.eigvecs.T
+        )
+
+    def trace(self) -> float:
+        return float(self.eigvals.sum() + self.isotropic * (self.dim - self.rank))
+
+    def eigenvalues(self) -> Tensor:
+        rest = self.isotropic.expand(self.dim - self.rank)
+        return torch.cat([self.eigvals, rest]).sort(descending=True).values
+
+    def shifted(self, shift: float) -> LowRankFactor:
+        return LowRankFactor(self.eigvecs, self.eigvals + shift, self.isotropic + shift)
+
+    def scaled(self, scale: float) -> LowRankFactor:
+        return LowRankFactor(self.eigvecs, self.eigvals * scale, self.isotropic * scale)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"eigvecs": self.eigvecs, "eigvals": self.eigvals, "isotropic": self.isotropic}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> LowRankFactor:
+        return cls(state["eigvecs"], state["eigvals"], state["isotropic"])
+
+
+class DiagonalFactor(Factor):
+    """``S = diag(d)``."""
+
+    def __init__(self, diagonal: Tensor) -> None:
+        if diagonal.dim() != 1:
+            raise ValueError(f"a diagonal factor needs a vector, got shape {tuple(diagonal.shape)}")
+        self.diagonal = diagonal
+        self.dim = diagonal.shape[0]
+
+    @property
+    def storage(self) -> str:
+        return "diagonal"
+
+    def apply(self, x: Tensor) -> Tensor:
+        _check_operand(self, x)
+        return _scale_rows(self.diagonal, x.to(self.diagonal.dtype))
+
+    def power_apply(self, x: Tensor, power: float) -> Tensor:
+        _check_operand(self, x)
+        return _scale_rows(_checked_power(self.diagonal, power), x.to(self.diagonal.dtype))
+
+    def dense(self) -> Tensor:
+        return torch.diag(self.diagonal)
+
+    def trace(self) -> float:
+        return float(self.diagonal.sum())
+
+    def eigenvalues(self) -> Tensor:
+        return self.diagonal.sort(descending=True).values
+
+    def shifted(self, shift: float) -> DiagonalFactor:
+        return DiagonalFactor(self.diagonal + shift)
+
+    def scaled(self, scale: float) -> DiagonalFactor:
+        return DiagonalFactor(self.diagonal * scale)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"diagonal": self.diagonal}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> DiagonalFactor:
+        return cls(state["diagonal"])
+
+
+FACTOR_STORAGES: dict[str, type[Factor]] = {
+    "dense": DenseFactor,
+    "low_rank": LowRankFactor,
+    "diagonal": DiagonalFactor,
+}
+
+
+def factor_from_state_dict(state: dict[str, Any]) -> Factor:
+    """Rebuild a factor saved with `Factor.state_dict`."""
+    storage = state["storage"]
+    if storage not in FACTOR_STORAGES:
+        raise ValueError(f"unknown factor storage {storage!r}; valid: {sorted(FACTOR_STORAGES)}")
+    return FACTOR_STORAGES[storage].from_state_dict(state)
+
+
+def stored_factor(matrix: Tensor, rank: int | None) -> Factor:
+    """Store a symmetric matrix densely (`rank` None or ≥ dim) or as its top-`rank` eigenpairs + isotropic rest."""
+    dense = DenseFactor(matrix)
+    if rank is None or rank >= dense.dim:
+        return dense
+    return dense.truncated(rank)
+
+
+def relative_damping(gamma: float, pi_split: bool = False) -> float:
+    """The per-factor relative damping of a Kronecker pair damped by γ (see `damped_pair`)."""
+    if gamma < 0:
+        raise ValueError(f"damping must be non-negative, got {gamma}")
+    return math.sqrt(gamma) if pi_split else gamma
+
+
+def damped_pair(a: Factor, g: Factor, gamma: float, pi_split: bool = False) -> tuple[Factor, Factor]:
+    """Damp a Kronecker pair ``S_g ⊗ S_a``.
+
+    Default: each factor separately, ``S ← S + γ·(tr S/dim)·I``. With ``pi_split`` (Martens & Grosse
+    2015, §6.3) the damping ``λ = γ·ā·ḡ`` of the product (ā, ḡ the mean eigenvalues) is split as
+    ``(S_a + π√λ I) ⊗ (S_g + √λ/π I)`` with ``π = √(ā/ḡ)``, which works out to a relative damping
+    of ``√γ`` on each factor.
+    """
+    per_factor = relative_damping(gamma, pi_split)
+    return a.damped(per_factor), g.damped(per_factor)

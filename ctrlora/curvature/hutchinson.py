@@ -1,0 +1,164 @@
+"""`hutchinson` estimator (METHODS §3): diagonal of the Hessian (or Gauss–Newton matrix) of the targets.
+
+For the mean token loss ``L̄ = L / T`` (L the summed token loss, T the counted tokens) and
+Rademacher probes v over the target weights jointly,
+
+    diag(H) ≈ (1/K) Σ_k v_k ⊙ (H v_k)        (unbiased; K = `probes` per batch)
+
+with ``H v`` by double backward (``matrix: hessian``) or ``J_fᵀ H_ℓ J_f v`` (``matrix: ggn``: the
+Jacobian-vector product J_f v by the double-vjp trick, ``H_ℓ`` from the loss alone, then one vjp).
+The passes use math attention (fused kernels have no double backward) and no activation
+checkpointing. Per-target traces are ``Σ diag`` (`ModuleCurvature.hessian_trace`). The raw,
+unclamped diagonal is kept; `kronecker_fit` turns it into diagonal ``a``/``g`` factors so
+consumers treat it like K-FAC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ctrlora.curvature.config import CurvatureConfig
+from ctrlora.curvature.factors import DiagonalFactor
+from ctrlora.curvature.hooks import base_linear
+from ctrlora.curvature.memory import StoragePlan
+from ctrlora.curvature.objectives import Objective
+from ctrlora.curvature.result import ModuleCurvature
+from ctrlora.curvature.runtime import (
+    accumulation_dtype,
+    all_reduce_count,
+    all_reduce_sum_,
+    batch_to_device,
+    input_device,
+    seeded_generator,
+    track,
+)
+
+Product = Callable[[Sequence[Tensor]], Sequence[Tensor]]
+
+
+def kronecker_fit(curvature: ModuleCurvature) -> ModuleCurvature:
+    """Rank-1 fit ``h_ij ≈ ρ_i γ_j`` of a diagonal estimate (negatives clamped to 0).
+
+    ρ and γ are the row and column sums of h, rescaled by ``1/√Σh`` each so that
+    ``Σ_ij ρ_i γ_j = Σ_ij h_ij``; returns the curvature with ``g = diag(ρ)``, ``a = diag(γ)``.
+    """
+    if curvature.diag is None:
+        raise ValueError("kronecker_fit needs a curvature with a diagonal estimate (kind hutchinson)")
+    h = curvature.diag.clamp_min(0)
+    scale = h.sum().sqrt().clamp_min(torch.finfo(h.dtype).tiny)
+    return replace(curvature, g=DiagonalFactor(h.sum(1) / scale), a=DiagonalFactor(h.sum(0) / scale))
+
+
+@contextmanager
+def math_attention(model: nn.Module) -> Iterator[None]:
+    """SDPA's math kernel, switching a fused (e.g. flash) attention implementation to sdpa meanwhile."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    implementation = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    switch = implementation not in (None, "eager", "sdpa")
+    if switch:
+        base.set_attn_implementation("sdpa")
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if switch:
+            base.set_attn_implementation(implementation)
+
+
+def _hessian_product(loss: Tensor, params: list[Tensor]) -> tuple[Product, tuple[Tensor, ...]]:
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    return lambda v: torch.autograd.grad(grads, params, v, retain_graph=True), grads
+
+
+def _ggn_product(loss: Tensor, outputs: Tensor, params: list[Tensor]) -> Product:
+    dummy = torch.zeros_like(outputs, requires_grad=True)
+    transposed_jacobian = torch.autograd.grad(outputs, params, dummy, create_graph=True)
+    output_grad = torch.autograd.grad(loss, outputs, create_graph=True)[0]
+
+    def product(v: Sequence[Tensor]) -> Sequence[Tensor]:
+        jacobian_v = torch.autograd.grad(transposed_jacobian, dummy, v, retain_graph=True)[0]
+        loss_hessian_jv = torch.autograd.grad(output_grad, outputs, jacobian_v, retain_graph=True)[0]
+        return torch.autograd.grad(outputs, params, loss_hessian_jv, retain_graph=True)
+
+    return product
+
+
+def estimate_hutchinson(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    modules: dict[str, nn.Module],
+    cfg: CurvatureConfig,
+    plan: StoragePlan,
+    objective: Objective,
+    *,
+    want_dense_grad: bool,
+    description: str,
+    progress: bool,
+) -> dict[str, ModuleCurvature]:
+    """Diagonal (and dense G) of every target in `modules` from one pass; a/g from `kronecker_fit`."""
+    del plan  # diagonal storage needs no plan
+    weights = {name: base_linear(module).weight for name, module in modules.items()}
+    for name, weight in weights.items():
+        if not weight.is_floating_point() or weight.dim() != 2:
+            raise TypeError(
+                f"hutchinson needs a differentiable 2-D weight; target {name!r} has {weight.dtype} {tuple(weight.shape)}"
+            )
+    params = list(weights.values())
+    dtype = accumulation_dtype(modules.values())
+    diag_sums = [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in params]
+    grad_sums = (
+        [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in params] if want_dense_grad else []
+    )
+    generators: dict[torch.device, torch.Generator] = {}
+    device = input_device(model)
+    tokens = 0
+    try:
+        for param in params:
+            param.requires_grad_(True)
+        with math_attention(model), torch.enable_grad():
+            for batch in track(batches, description, progress):
+                batch = batch_to_device(batch, device)
+                tokens += int(objective.token_mask(batch).sum())
+                outputs = objective.forward(model, batch)
+                loss = objective.loss(outputs, batch)
+                if cfg.matrix == "hessian":
+                    product, grads = _hessian_product(loss, params)
+                else:
+                    product = _ggn_product(loss, outputs, params)
+                    grads = torch.autograd.grad(loss, params, retain_graph=True) if want_dense_grad else ()
+                for _ in range(cfg.probes):
+                    probes = [_rademacher(p, generators, cfg.seed) for p in params]
+                    for total, probe, image in zip(diag_sums, probes, product(probes), strict=True):
+                        total.add_((probe * image).to(dtype))
+                for total, grad in zip(grad_sums, grads, strict=False):
+                    total.add_(grad.detach().to(dtype))
+    finally:
+        for param in params:
+            param.requires_grad_(False)
+    tokens = all_reduce_count(tokens, device)
+    if tokens == 0:
+        raise ValueError("the calibration batches hold no counted tokens (every label is -100 or padding)")
+    all_reduce_sum_(diag_sums + grad_sums)
+    result = {}
+    for index, name in enumerate(weights):
+        curvature = ModuleCurvature(
+            diag=diag_sums[index] / (cfg.probes * tokens),
+            grad=grad_sums[index] / tokens if want_dense_grad else None,
+            tokens=tokens,
+        )
+        result[name] = kronecker_fit(curvature)
+    return result
+
+
+def _rademacher(param: Tensor, generators: dict[torch.device, torch.Generator], seed: int) -> Tensor:
+    if param.device not in generators:
+        generators[param.device] = seeded_generator(seed, param.device)
+    signs = torch.randint(0, 2, param.shape, generator=generators[param.device], device=param.device)
+    return (2 * signs - 1).to(param.dtype)

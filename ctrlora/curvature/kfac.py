@@ -1,0 +1,98 @@
+"""`kfac` estimator (METHODS §3): Kronecker factors with tokens as examples (K-FAC "expand").
+
+Over the counted tokens t of the calibration set (T of them):
+
+    S_a = (1/T) Σ_t x_t x_tᵀ              (d_in x d_in)
+    S_g = (1/T) Σ_t g_t g_tᵀ              (d_out x d_out)
+    G   = (1/T) Σ_t g_t x_tᵀ              (d_out x d_in, when asked)
+
+with ``g_t = ∂L/∂y_t`` for the SUM ``L`` of the per-token losses, so its scale does not depend on
+the batch size, and ``S_g ⊗ S_a`` approximates the Fisher of the mean token loss:
+``ΔL ≈ ⟨G, ΔW⟩ + ½ tr(ΔWᵀ S_g ΔW S_a)``. ``fisher: empirical`` takes g_t from the true labels;
+``fisher: mc`` from ``mc_samples`` label sets drawn from the model (seeded), averaging
+``S_g`` over the draws, which makes ``E[S_g]`` the (type-2) Fisher factor. ``G`` always uses the true
+labels and is the exact gradient of the mean loss: it sums over every position, since a position
+whose own label is ignored (a prompt token) still passes gradient to later tokens through attention
+(padding positions carry none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+from ctrlora.curvature.activation import input_factors
+from ctrlora.curvature.config import CurvatureConfig
+from ctrlora.curvature.factors import stored_factor
+from ctrlora.curvature.hooks import TargetRecorder
+from ctrlora.curvature.memory import StoragePlan
+from ctrlora.curvature.objectives import Objective
+from ctrlora.curvature.passes import OuterProductSums, run_pass
+from ctrlora.curvature.result import ModuleCurvature
+from ctrlora.curvature.runtime import accumulation_dtype
+
+
+def estimate_kfac(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    modules: dict[str, nn.Module],
+    cfg: CurvatureConfig,
+    plan: StoragePlan,
+    objective: Objective,
+    *,
+    want_dense_grad: bool,
+    description: str,
+    progress: bool,
+) -> dict[str, ModuleCurvature]:
+    """S_a, S_g (and dense G) of every target in `modules` from one pass."""
+    dtype = accumulation_dtype(modules.values())
+    input_sums, grad_sums, gradient_sums = (
+        OuterProductSums(dtype),
+        OuterProductSums(dtype),
+        OuterProductSums(dtype),
+    )
+    fisher_job = "labels" if cfg.fisher == "empirical" else "sampled"
+
+    def on_output_grad(name: str, grad: Tensor, inputs: Tensor | None, job: str) -> None:
+        if job == fisher_job:
+            grad_sums.add_outer(name, recorder.token_rows(name, grad))
+        if job == "labels" and want_dense_grad:
+            gradient_sums.add_cross(
+                name, grad.reshape(-1, grad.shape[-1]), inputs.reshape(-1, inputs.shape[-1])
+            )
+
+    recorder = TargetRecorder(
+        modules, on_input=input_sums.add_outer, on_output_grad=on_output_grad, stash_inputs=want_dense_grad
+    )
+    if cfg.fisher == "empirical":
+        jobs = ["labels"]
+    else:
+        jobs = ["sampled"] * cfg.mc_samples + (["labels"] if want_dense_grad else [])
+    tokens = run_pass(
+        model,
+        batches,
+        recorder,
+        objective,
+        jobs=jobs,
+        seed=cfg.seed,
+        description=description,
+        progress=progress,
+    )
+    a_factors = input_factors(input_sums.means(tokens), recorder, plan)
+    draws = 1 if cfg.fisher == "empirical" else cfg.mc_samples
+    g_moments = grad_sums.means(tokens * draws)
+    for name in modules:
+        if name not in g_moments:
+            raise RuntimeError(f"no output gradient reached target {name!r}: is its output used by the loss?")
+    gradients = gradient_sums.means(tokens) if want_dense_grad else {}
+    return {
+        name: ModuleCurvature(
+            a=a_factors[name],
+            g=stored_factor(g_moments[name], plan.module(name).g.rank),
+            grad=gradients.get(name),
+            tokens=tokens,
+        )
+        for name in modules
+    }

@@ -1,0 +1,292 @@
+"""Factor storage plan and memory report (DESIGN §7), computable from configs alone.
+
+Storage rule (METHODS §3): a factor of size dim x dim is stored dense when
+``dim ≤ dense_max_dim``, else as its top ``factor_rank`` eigenpairs plus one isotropic value,
+``(dim·k + k + 1)`` numbers. With ``max_factor_gb`` set and the settings over the cap, the plan
+picks the largest rank k that fits: wide factors keep being truncated and narrow ones dense when
+that fits even at k = 1, else every factor wider than k is truncated at k. The cap also splits
+estimation into groups of targets (one calibration pass each) whose dense fp32 accumulators fit
+in it, so the statistics never hold more than the stored factors plus one group's accumulators.
+GB here is 1e9 bytes.
+
+`memory_report` builds the model on the meta device from a `transformers` config (no weights);
+``python -m ctrlora.curvature.memory --hidden 4096 ...`` prints the same report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+)
+
+from ctrlora.curvature.config import CurvatureConfig
+from ctrlora.curvature.hooks import base_linear, find_targets
+
+GB = 1e9
+DEFAULT_TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class FactorPlan:
+    """Storage of one dim x dim factor: 'dense', 'low_rank' (rank eigenpairs + isotropic) or 'diagonal'."""
+
+    dim: int
+    storage: str
+    rank: int | None = None
+
+    def numel(self) -> int:
+        if self.storage == "dense":
+            return self.dim * self.dim
+        if self.storage == "diagonal":
+            return self.dim
+        return self.dim * self.rank + self.rank + 1
+
+    def describe(self) -> str:
+        return f"rank {self.rank}/{self.dim}" if self.storage == "low_rank" else f"{self.storage} {self.dim}"
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """What is stored for one target layer, and what its estimation holds in memory."""
+
+    name: str
+    d_in: int
+    d_out: int
+    a: FactorPlan | None
+    g: FactorPlan | None
+    extra_numel: int  # stored besides the factors: raw Hutchinson diagonal, dense gradient
+    working_numel: int  # dense accumulators while this layer is being estimated
+
+    def factor_numel(self) -> int:
+        return sum(f.numel() for f in (self.a, self.g) if f is not None)
+
+
+@dataclass
+class StoragePlan:
+    """Per-target storage and the estimation groups for one estimator configuration."""
+
+    kind: str
+    modules: list[ModulePlan]
+    element_bytes: int
+    factor_rank: int
+    dense_max_dim: int
+    max_factor_gb: float | None
+    groups: list[list[str]] = field(default_factory=list)
+
+    def module(self, name: str) -> ModulePlan:
+        return next(plan for plan in self.modules if plan.name == name)
+
+    def factor_bytes(self) -> int:
+        """Bytes of all stored factors under this plan."""
+        return self.element_bytes * sum(plan.factor_numel() for plan in self.modules)
+
+    def dense_factor_bytes(self) -> int:
+        """Bytes of all factors if every one were stored dense (diagonal ones stay diagonal)."""
+        return self.element_bytes * sum(
+            f.dim * f.dim if f.storage != "diagonal" else f.dim for p in self.modules for f in (p.a, p.g) if f
+        )
+
+    def extra_bytes(self) -> int:
+        """Bytes stored besides the factors (raw Hutchinson diagonals, dense gradients)."""
+        return self.element_bytes * sum(plan.extra_numel for plan in self.modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "element_bytes": self.element_bytes,
+            "factor_rank": self.factor_rank,
+            "dense_max_dim": self.dense_max_dim,
+            "max_factor_gb": self.max_factor_gb,
+            "factor_gb": self.factor_bytes() / GB,
+            "dense_factor_gb": self.dense_factor_bytes() / GB,
+            "extra_gb": self.extra_bytes() / GB,
+            "passes": len(self.groups),
+            "modules": [
+                {**asdict(plan), "a": plan.a and plan.a.describe(), "g": plan.g and plan.g.describe()}
+                for plan in self.modules
+            ],
+        }
+
+    def format(self) -> str:
+        """A plain-text table: one line per target, then the totals."""
+        lines = [f"{'target':<48} {'d_in':>6} {'d_out':>6}  {'S_a':<16} {'S_g':<16} {'MB':>9}"]
+        for plan in self.modules:
+            a = plan.a.describe() if plan.a else "-"
+            g = plan.g.describe() if plan.g else "-"
+            megabytes = plan.factor_numel() * self.element_bytes / 1e6
+            lines.append(f"{plan.name:<48} {plan.d_in:>6} {plan.d_out:>6}  {a:<16} {g:<16} {megabytes:>9.1f}")
+        lines.append(
+            f"factors: {self.factor_bytes() / GB:.2f} GB stored (dense: {self.dense_factor_bytes() / GB:.2f} GB), "
+            f"factor_rank={self.factor_rank}, dense_max_dim={self.dense_max_dim}, cap={self.max_factor_gb} GB, "
+            f"other stored: {self.extra_bytes() / GB:.2f} GB, passes: {len(self.groups)}"
+        )
+        return "\n".join(lines)
+
+
+def _factor_plan(dim: int, dense_max_dim: int, rank: int) -> FactorPlan:
+    if dim <= dense_max_dim or dim <= rank:
+        return FactorPlan(dim, "dense")
+    return FactorPlan(dim, "low_rank", rank)
+
+
+def _module_plan(
+    name: str, d_in: int, d_out: int, kind: str, dense_max_dim: int, rank: int, dense_grad: bool
+) -> ModulePlan:
+    grad = d_in * d_out if dense_grad else 0
+    if kind == "hutchinson":
+        a, g = FactorPlan(d_in, "diagonal"), FactorPlan(d_out, "diagonal")
+        return ModulePlan(
+            name, d_in, d_out, a, g, extra_numel=d_in * d_out + grad, working_numel=d_in * d_out + grad
+        )
+    a = _factor_plan(d_in, dense_max_dim, rank)
+    if kind == "activation":
+        return ModulePlan(name, d_in, d_out, a, None, extra_numel=0, working_numel=d_in * d_in)
+    g = _factor_plan(d_out, dense_max_dim, rank)
+    return ModulePlan(
+        name, d_in, d_out, a, g, extra_numel=grad, working_numel=d_in * d_in + d_out * d_out + grad
+    )
+
+
+def _estimation_groups(modules: list[ModulePlan], cap_numel: float | None) -> list[list[str]]:
+    """Consecutive targets whose working accumulators fit in the cap (a target over the cap goes alone)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for plan in modules:
+        if cap_numel is not None and groups[-1] and used + plan.working_numel > cap_numel:
+            groups.append([])
+            used = 0
+        groups[-1].append(plan.name)
+        used += plan.working_numel
+    return groups
+
+
+def plan_storage(
+    shapes: dict[str, tuple[int, int]],
+    cfg: CurvatureConfig,
+    *,
+    element_bytes: int = 4,
+    want_grad: bool = False,
+) -> StoragePlan:
+    """Storage plan for targets with (d_in, d_out) `shapes` under `cfg` (see the module docstring)."""
+    dense_grad = want_grad and cfg.grad_mode == "dense"
+
+    def build(dense_max_dim: int, rank: int) -> list[ModulePlan]:
+        return [
+            _module_plan(name, d_in, d_out, cfg.kind, dense_max_dim, rank, dense_grad)
+            for name, (d_in, d_out) in shapes.items()
+        ]
+
+    def factor_numel(modules: list[ModulePlan]) -> int:
+        return sum(plan.factor_numel() for plan in modules)
+
+    dense_max_dim, rank = cfg.dense_max_dim, cfg.factor_rank
+    cap_numel = None if cfg.max_factor_gb is None else cfg.max_factor_gb * GB / element_bytes
+    modules = build(dense_max_dim, rank)
+    if cap_numel is not None and cfg.kind != "hutchinson" and factor_numel(modules) > cap_numel:
+        if factor_numel(build(dense_max_dim, 1)) > cap_numel:
+            dense_max_dim = 0  # narrow factors cannot all stay dense: truncate everything wider than k
+        widest = max(max(d_in, d_out) for d_in, d_out in shapes.values())
+        low, high = 0, widest  # largest k in [1, widest] with factor memory under the cap (monotone in k)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (
+                (mid, high) if factor_numel(build(dense_max_dim, mid)) <= cap_numel else (low, mid - 1)
+            )
+        if low == 0:
+            need = factor_numel(build(dense_max_dim, 1)) * element_bytes / GB
+            raise ValueError(
+                f"curvature.max_factor_gb={cfg.max_factor_gb} is too small: rank-1 factors need {need:.2f} GB"
+            )
+        rank = low
+        modules = build(dense_max_dim, rank)
+    return StoragePlan(
+        kind=cfg.kind,
+        modules=modules,
+        element_bytes=element_bytes,
+        factor_rank=rank,
+        dense_max_dim=dense_max_dim,
+        max_factor_gb=cfg.max_factor_gb,
+        groups=_estimation_groups(modules, cap_numel),
+    )
+
+
+def target_shapes(model: torch.nn.Module, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each target linear layer."""
+    named = dict(model.named_modules())
+    return {
+        name: (base_linear(named[name]).in_features, base_linear(named[name]).out_features)
+        for name in targets
+    }
+
+
+def memory_report(
+    config: PretrainedConfig | Mapping[str, Any],
+    cfg: CurvatureConfig,
+    *,
+    target_suffixes: Sequence[str] = DEFAULT_TARGET_SUFFIXES,
+    task: str = "causal_lm",
+    element_bytes: int = 4,
+    want_grad: bool = False,
+) -> StoragePlan:
+    """The storage plan of a backbone described by `config`, built on the meta device (no weights).
+
+    `config` is a `transformers` config or a mapping with ``model_type`` and config kwargs (a model
+    config's ``arch`` section). ``element_bytes`` is 4 for fp32 factors, 8 for fp64.
+    """
+    if isinstance(config, Mapping):
+        config = AutoConfig.for_model(**config)
+    auto = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+    if task not in auto:
+        raise ValueError(f"task={task!r} is not valid; choose one of {sorted(auto)}")
+    with torch.device("meta"):
+        model = auto[task].from_config(config)
+    targets = find_targets(model, target_suffixes)
+    if not targets:
+        raise ValueError(f"no linear layers named {list(target_suffixes)} in {type(model).__name__}")
+    return plan_storage(target_shapes(model, targets), cfg, element_bytes=element_bytes, want_grad=want_grad)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: print the factor memory report of a decoder described by its shape."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-type", default="llama")
+    parser.add_argument("--hidden", type=int, required=True)
+    parser.add_argument("--intermediate", type=int, required=True)
+    parser.add_argument("--layers", type=int, required=True)
+    parser.add_argument("--heads", type=int, required=True)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--kind", default="kfac")
+    parser.add_argument("--dense-max-dim", type=int, default=CurvatureConfig.dense_max_dim)
+    parser.add_argument("--factor-rank", type=int, default=CurvatureConfig.factor_rank)
+    parser.add_argument("--max-factor-gb", type=float, default=None)
+    args = parser.parse_args(argv)
+    config = AutoConfig.for_model(
+        args.model_type,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        vocab_size=args.vocab,
+    )
+    cfg = CurvatureConfig(
+        kind=args.kind,
+        dense_max_dim=args.dense_max_dim,
+        factor_rank=args.factor_rank,
+        max_factor_gb=args.max_factor_gb,
+    )
+    print(memory_report(config, cfg).format())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""What a calibration batch means: model outputs, counted tokens, the summed loss, sampled labels.
+
+Token accounting (METHODS §3), for a batch of ``B`` sequences of length ``L``:
+
+- causal LM (``labels`` of shape (B, L), -100 = ignore): HF shifts labels inside the model, so
+  the logits at position t predict ``labels[t+1]``. Position t is a counted token iff
+  ``labels[t+1] != -100`` and ``attention_mask[t] == 1``; the last position never counts. The
+  loss is the SUM over counted tokens of the token's cross-entropy.
+- sequence classification (``labels`` of shape (B,)): every non-padding position is a counted
+  token (for S_a and the token count T); the loss is the SUM over sequences of the per-sequence
+  cross-entropy, whose output gradients at the counted positions enter S_g.
+- squared error (``inputs`` (..., d_in), ``targets`` (..., d_out)): every row counts; the loss
+  is ``½ Σ ‖f(x) − y‖²``, whose Fisher is the Gauss–Newton matrix JᵀJ.
+
+Summing (not averaging) makes each token's output gradient g_t independent of the batch size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+def _accumulation_precision(t: Tensor) -> Tensor:
+    """``t`` in fp32 unless it already is fp32/fp64 (the loss is always computed at least in fp32)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _logits(output: Any) -> Tensor:
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+class Objective(ABC):
+    """How a batch becomes model outputs, a token mask and a summed loss."""
+
+    @abstractmethod
+    def token_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """Bool mask of counted tokens, shaped like a target layer's input without its last dim."""
+
+    @abstractmethod
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The model's outputs (logits or predictions), attached to the autograd graph when grad is on."""
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor], targets: Tensor | None = None) -> Tensor:
+        """Summed loss against the batch's labels, or against ``targets`` from `sample_targets`."""
+
+    @abstractmethod
+    def sample_targets(self, outputs: Tensor, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        """Labels drawn from the model's predictive distribution (for the MC Fisher)."""
+
+
+class CausalLMObjective(Objective):
+    """Next-token cross-entropy summed over counted tokens (see the module docstring)."""
+
+    def token_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        labels = batch["labels"]
+        attention = batch.get("attention_mask", torch.ones_like(labels))
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = (labels[:, 1:] != IGNORE_INDEX) & attention[:, :-1].bool()
+        return mask
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        return _logits(model(**inputs, use_cache=False))
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor], targets: Tensor | None = None) -> Tensor:
+        mask = self.token_mask(batch)
+        if targets is None:
+            targets = batch["labels"].roll(-1, dims=1)[mask]
+        return F.cross_entropy(_accumulation_precision(outputs[mask]), targets, reduction="sum")
+
+    def sample_targets(self, outputs: Tensor, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        logits = _accumulation_precision(outputs[self.token_mask(batch)].detach())
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class SequenceClassificationObjective(Objective):
+    """Per-sequence cross-entropy summed over sequences; tokens are the non-padding positions."""
+
+    def token_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        return batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        return _logits(model(**inputs))
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor], targets: Tensor | None = None) -> Tensor:
+        labels = batch["labels"] if targets is None else targets
+        if labels.is_floating_point():
+            raise ValueError(
+                "sequence-classification curvature needs integer class labels (regression heads are not supported)"
+            )
+        return F.cross_entropy(_accumulation_precision(outputs), labels, reduction="sum")
+
+    def sample_targets(self, outputs: Tensor, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        probs = _accumulation_precision(outputs.detach()).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class SquaredErrorObjective(Objective):
+    """``½ Σ ‖model(inputs) − targets‖²`` for any module mapping (..., d_in) to (..., d_out)."""
+
+    def token_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        return torch.ones(batch["inputs"].shape[:-1], dtype=torch.bool, device=batch["inputs"].device)
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        inputs = batch["inputs"]
+        if torch.is_grad_enabled():  # no embeddings to hook: let gradients reach the first layer
+            inputs = inputs.detach().requires_grad_(True)
+        return model(inputs)
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor], targets: Tensor | None = None) -> Tensor:
+        targets = batch["targets"] if targets is None else targets
+        return 0.5 * (_accumulation_precision(outputs) - targets).pow(2).sum()
+
+    def sample_targets(self, outputs: Tensor, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        noise = torch.randn(outputs.shape, generator=generator, device=outputs.device, dtype=outputs.dtype)
+        return outputs.detach() + noise
+
+
+def objective_for(batch: dict[str, Tensor]) -> Objective:
+    """Pick the objective from a batch's keys: causal LM (2-D labels), classification (1-D), squared error."""
+    if "input_ids" in batch and "labels" in batch:
+        if batch["labels"].dim() == 2:
+            return CausalLMObjective()
+        if batch["labels"].dim() == 1:
+            return SequenceClassificationObjective()
+        raise ValueError(
+            f"labels must have shape (batch, seq) or (batch,), got {tuple(batch['labels'].shape)}"
+        )
+    if "inputs" in batch and "targets" in batch:
+        return SquaredErrorObjective()
+    raise ValueError(
+        f"cannot tell the objective from batch keys {sorted(batch)}: expected input_ids + labels "
+        "(+ attention_mask) for language models, or inputs + targets for squared error"
+    )

@@ -1,0 +1,202 @@
+"""One calibration pass: forward every batch with hooks on the targets, then the backward passes asked for.
+
+Backward jobs per batch: ``"labels"`` backpropagates the summed loss against the batch's labels,
+``"sampled"`` against labels drawn from the model (MC Fisher, seeded). One forward serves all
+jobs of a batch (the graph is retained between them). The passes of ``grad_mode: sketch`` live
+here too, since they can follow any estimator that supplies factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ctrlora.curvature.factors import Factor, relative_damping
+from ctrlora.curvature.hooks import TargetRecorder
+from ctrlora.curvature.objectives import Objective
+from ctrlora.curvature.result import ModuleCurvature
+from ctrlora.curvature.runtime import (
+    accumulation_dtype,
+    all_reduce_count,
+    all_reduce_sum_,
+    batch_to_device,
+    input_device,
+    seeded_generator,
+    track,
+)
+from ctrlora.curvature.sketch import WhitenedGradientSketch, WhitenedProduct, orthonormal_basis
+
+JOBS = ("labels", "sampled")
+
+
+class OuterProductSums:
+    """Per-target running sums ``Σ_t v_t v_tᵀ`` (and optionally ``Σ_t g_t x_tᵀ``) in a fixed dtype."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.sums: dict[str, Tensor] = {}
+
+    def add_outer(self, name: str, rows: Tensor) -> None:
+        rows = rows.to(self.dtype)
+        self._add(name, rows.T, rows)
+
+    def add_cross(self, name: str, left_rows: Tensor, right_rows: Tensor) -> None:
+        """Add ``Σ_t l_t r_tᵀ`` over the rows of both matrices."""
+        self._add(name, left_rows.to(self.dtype).T, right_rows.to(self.dtype))
+
+    def _add(self, name: str, left: Tensor, right: Tensor) -> None:
+        if name in self.sums:
+            self.sums[name].addmm_(left, right)
+        else:
+            self.sums[name] = left @ right
+
+    def means(self, count: int) -> dict[str, Tensor]:
+        """Sum across ranks, then divide by `count`."""
+        all_reduce_sum_(self.sums.values())
+        return {name: total / count for name, total in self.sums.items()}
+
+
+def run_pass(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    recorder: TargetRecorder,
+    objective: Objective,
+    *,
+    jobs: Sequence[str],
+    seed: int,
+    description: str,
+    progress: bool,
+) -> int:
+    """Run every batch through the model (and the backward `jobs`); return T summed over ranks."""
+    unknown = set(jobs) - set(JOBS)
+    if unknown:
+        raise ValueError(f"unknown backward jobs {sorted(unknown)}; valid: {list(JOBS)}")
+    device = input_device(model)
+    generator = None
+    tokens = 0
+    with recorder, torch.set_grad_enabled(bool(jobs)):
+        for batch in track(batches, description, progress):
+            batch = batch_to_device(batch, device)
+            mask = objective.token_mask(batch)
+            with recorder.forward(mask):
+                outputs = objective.forward(model, batch)
+            tokens += int(mask.sum())
+            for index, job in enumerate(jobs):
+                targets = None
+                if job == "sampled":
+                    generator = generator or seeded_generator(seed, outputs.device)
+                    targets = objective.sample_targets(outputs, batch, generator)
+                loss = objective.loss(outputs, batch, targets)
+                if not loss.requires_grad:
+                    raise RuntimeError(
+                        "the calibration loss does not depend on any target layer's output: are the targets "
+                        "used by the model's forward?"
+                    )
+                with recorder.backward(job):
+                    loss.backward(retain_graph=index < len(jobs) - 1)
+    tokens = all_reduce_count(tokens, device)
+    if tokens == 0:
+        raise ValueError("the calibration batches hold no counted tokens (every label is -100 or padding)")
+    return tokens
+
+
+def _whitened_products(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    modules: dict[str, nn.Module],
+    damped: dict[str, tuple[Factor, Factor]],
+    tests: dict[str, Tensor],
+    objective: Objective,
+    *,
+    side: str,
+    description: str,
+    seed: int,
+    progress: bool,
+) -> dict[str, Tensor]:
+    """One pass computing ``G̃ M`` ('right') or ``G̃ᵀ M`` ('left') for each target's test matrix M."""
+    products = {name: WhitenedProduct(*damped[name], tests[name], side) for name in modules}
+
+    def on_output_grad(name: str, grad: Tensor, inputs: Tensor | None, _job: str) -> None:
+        products[name].update(grad.reshape(-1, grad.shape[-1]), inputs.reshape(-1, inputs.shape[-1]))
+
+    recorder = TargetRecorder(modules, on_output_grad=on_output_grad, stash_inputs=True)
+    tokens = run_pass(
+        model,
+        batches,
+        recorder,
+        objective,
+        jobs=["labels"],
+        seed=seed,
+        description=description,
+        progress=progress,
+    )
+    all_reduce_sum_(product.total for product in products.values())
+    return {name: product.finish(tokens) for name, product in products.items()}
+
+
+def sketch_whitened_gradients(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    modules: dict[str, nn.Module],
+    curvatures: dict[str, ModuleCurvature],
+    objective: Objective,
+    *,
+    rank: int,
+    oversampling: int,
+    power_iters: int,
+    damping: float,
+    pi_split: bool,
+    seed: int,
+    progress: bool,
+) -> None:
+    """Attach a `WhitenedGradientSketch` of each target's true-label gradient to its curvature (in place).
+
+    Runs ``2 + 2·power_iters`` passes: range, power iterations, projection (`ctrlora.curvature.sketch`).
+    """
+    dtype = accumulation_dtype(modules.values())
+    per_factor = relative_damping(damping, pi_split)
+    memo: dict[int, Factor] = {}  # a factor shared by several targets is damped (and eigendecomposed) once
+
+    def damp(factor: Factor) -> Factor:
+        if id(factor) not in memo:
+            memo[id(factor)] = factor.damped(per_factor).to(dtype=dtype)
+        return memo[id(factor)]
+
+    damped = {name: (damp(curvatures[name].a), damp(curvatures[name].g)) for name in modules}
+    omega = {}
+    for index, name in enumerate(modules):
+        a, g = damped[name]
+        width = min(rank + oversampling, a.dim, g.dim)
+        generator = torch.Generator().manual_seed(seed * 7919 + index)
+        omega[name] = torch.randn(a.dim, width, generator=generator, dtype=dtype).to(a.device)
+    steps = iter(range(1, 3 + 2 * power_iters))
+
+    def product(side: str, tests: dict[str, Tensor]) -> dict[str, Tensor]:
+        description = f"gradient sketch {next(steps)}/{2 + 2 * power_iters}"
+        return _whitened_products(
+            model,
+            batches,
+            modules,
+            damped,
+            tests,
+            objective,
+            side=side,
+            description=description,
+            seed=seed,
+            progress=progress,
+        )
+
+    def orthonormal(products: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: orthonormal_basis(matrix) for name, matrix in products.items()}
+
+    range_basis = orthonormal(product("right", omega))  # Q = orth(G̃ Ω)
+    for _ in range(power_iters):
+        range_basis = orthonormal(product("right", orthonormal(product("left", range_basis))))
+    projections = product("left", range_basis)  # G̃ᵀ Q = Bᵀ
+    for name in modules:
+        curvatures[name].grad_sketch = WhitenedGradientSketch(
+            range_basis[name], projections[name].T, damping, pi_split
+        )

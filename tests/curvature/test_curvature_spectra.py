@@ -1,0 +1,96 @@
+"""Whitened-gradient spectra: dense definition, randomized SVD, and the streaming sketch against dense G."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctrlora.curvature.config import CurvatureConfig
+from ctrlora.curvature.estimate import estimate_curvature
+from ctrlora.curvature.factors import DenseFactor
+from ctrlora.curvature.result import ModuleCurvature
+from ctrlora.curvature.spectra import whitened_gradient_svd
+
+from .helpers import assert_close, collate, lm_batches, sequences, targets_of, tiny_llama
+
+
+def inverse_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    eigvals, eigvecs = torch.linalg.eigh(matrix)
+    return eigvecs @ torch.diag(eigvals**-0.5) @ eigvecs.T
+
+
+def synthetic_curvature(d_out: int = 24, d_in: int = 40) -> ModuleCurvature:
+    """PSD factors and a gradient whose whitened spectrum decays geometrically."""
+    generator = torch.Generator().manual_seed(0)
+
+    def psd(dim):
+        root = torch.randn(dim, 2 * dim, generator=generator, dtype=torch.float64)
+        return root @ root.T / (2 * dim)
+
+    left = torch.linalg.qr(torch.randn(d_out, d_out, generator=generator, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(d_in, d_out, generator=generator, dtype=torch.float64)).Q
+    grad = left @ torch.diag(0.7 ** torch.arange(d_out, dtype=torch.float64)) @ right.T
+    return ModuleCurvature(a=DenseFactor(psd(d_in)), g=DenseFactor(psd(d_out)), grad=grad, tokens=1)
+
+
+def test_svd_of_the_whitened_gradient_matches_its_definition():
+    curvature = synthetic_curvature()
+    damping = 0.1
+    a, g = curvature.a.dense(), curvature.g.dense()
+    damped_a = a + damping * a.trace() / a.shape[0] * torch.eye(a.shape[0], dtype=torch.float64)
+    damped_g = g + damping * g.trace() / g.shape[0] * torch.eye(g.shape[0], dtype=torch.float64)
+    whitened = inverse_sqrt(damped_g) @ curvature.grad @ inverse_sqrt(damped_a)
+    left, values, right = whitened_gradient_svd(curvature, 5, damping)
+    exact = torch.linalg.svd(whitened)
+    assert_close(values, exact.S[:5], 1e-10)
+    assert_close(
+        left @ torch.diag(values) @ right.T, exact.U[:, :5] @ torch.diag(exact.S[:5]) @ exact.Vh[:5], 1e-10
+    )
+    assert left.shape == (24, 5) and right.shape == (40, 5)
+
+    randomized = whitened_gradient_svd(curvature, 5, damping, oversampling=5, power_iters=2, exact_max_dim=8)
+    assert_close(randomized[1], exact.S[:5], 1e-4)
+
+
+def test_sketch_recovers_the_dense_spectrum_exactly_when_the_gradient_has_low_rank():
+    """One 5-token sequence: rank(G) ≤ 5 < the sketch width, so the sketch is exact."""
+    model = tiny_llama()
+    batches = [collate(sequences(7, [5]))]
+    targets = targets_of(model, ["q_proj", "down_proj"])
+    dense = estimate_curvature(model, batches, targets, CurvatureConfig(), want_grad=True, progress=False)
+    cfg = CurvatureConfig(grad_mode="sketch")
+    sketched = estimate_curvature(model, batches, targets, cfg, want_grad=True, sketch_rank=4, progress=False)
+    assert sketched.report.passes == 3 and all(sketched[name].grad is None for name in targets)
+    for name in targets:
+        left, values, right = whitened_gradient_svd(dense[name], 4, cfg.damping)
+        sketch_left, sketch_values, sketch_right = whitened_gradient_svd(sketched[name], 4, cfg.damping)
+        assert_close(sketch_values, values, 1e-8)
+        top = left[:, :3] @ torch.diag(values[:3]) @ right[:, :3].T  # the 4th value is 0 for q_proj
+        assert_close(sketch_left[:, :3] @ torch.diag(sketch_values[:3]) @ sketch_right[:, :3].T, top, 1e-8)
+
+
+@pytest.mark.parametrize(("power_iters", "tolerance"), [(0, 0.02), (1, 0.002)])
+def test_sketch_top_singular_values_agree_with_the_dense_svd(power_iters, tolerance):
+    model = tiny_llama()
+    batches = lm_batches()  # 34 positions: rank(G) exceeds the sketch width of 14
+    targets = targets_of(model)
+    dense = estimate_curvature(model, batches, targets, CurvatureConfig(), want_grad=True, progress=False)
+    cfg = CurvatureConfig(grad_mode="sketch", sketch_power_iters=power_iters)
+    sketched = estimate_curvature(model, batches, targets, cfg, want_grad=True, sketch_rank=4, progress=False)
+    assert sketched.report.passes == 1 + 2 + 2 * power_iters
+    for name in targets:
+        values = whitened_gradient_svd(dense[name], 4, cfg.damping)[1]
+        assert_close(whitened_gradient_svd(sketched[name], 4, cfg.damping)[1], values, tolerance)
+
+
+def test_sketch_refuses_a_different_damping():
+    model = tiny_llama()
+    target = targets_of(model, ["o_proj"])
+    cfg = CurvatureConfig(grad_mode="sketch", damping=1e-2)
+    sketched = estimate_curvature(
+        model, lm_batches(), target, cfg, want_grad=True, sketch_rank=2, progress=False
+    )
+    with pytest.raises(ValueError, match="damping=0.01"):
+        whitened_gradient_svd(sketched[target[0]], 2, 1e-3)
+    with pytest.raises(ValueError, match="sketch holds rank"):
+        whitened_gradient_svd(sketched[target[0]], 99, 1e-2)
