@@ -1,18 +1,56 @@
-"""Settings of the evaluation suites (EVALUATION §1); the `eval=` config group."""
+"""Settings of the evaluation suites (EVALUATION §1): the `eval=` config group.
+
+A suite is a named set of lm-eval tasks, each with its own shots, metrics, limit and batch size,
+all overridable from the command line (``eval.tasks.gsm8k.num_fewshot=0``, ``eval.limit=20``).
+Stock tasks keep lm-eval's prompts and metrics; `eval.data_dir` only swaps where their data
+comes from (`ctrlora.evaluation.tasks`). A task with a `local` section is built from a local
+file instead (the bundled quotation-topic task of `eval=local`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+
+@dataclass
+class LocalTaskData:
+    """A multiple-choice task over a local json/jsonl/parquet file.
+
+    The context is `prompt_template` filled with the row (``{text}`` -> the row's ``text``
+    field); each candidate continuation is ``" " + choice`` (lm-eval's target delimiter), and
+    the gold choice is the row's `label_field` (a choice word, or its index).
+    """
+
+    test: str = ""  # the evaluated rows; relative paths resolve against the working directory
+    train: str | None = None  # few-shot examples (needed only when num_fewshot > 0)
+    label_field: str = "label"
+    prompt_template: str = "{text}"
+    choices: list[str] = field(default_factory=list)
+    version: float = 1.0  # bump when the prompt or the file changes meaning
+
+
+@dataclass
+class TaskSpec:
+    """One task of a suite; unset values fall back to the suite's, then to lm-eval's own."""
+
+    num_fewshot: int | None = None  # None: the stock task's default
+    metrics: list[str] = field(default_factory=list)  # lm-eval keys "metric" or "metric,filter"; empty: all
+    limit: float | None = None  # overrides eval.limit (int: documents per task; <1: a fraction)
+    batch_size: int | None = None  # overrides eval.batch_size
+    max_gen_toks: int | None = None  # generative tasks: cap on generated tokens (lm-eval's default 256)
+    local: LocalTaskData | None = None  # build the task from a local file instead of a stock lm-eval task
 
 
 @dataclass
 class EvalConfig:
-    suite: str = "none"  # paper | local | none
-    tasks: dict[str, Any] = field(default_factory=dict)  # task -> {num_fewshot, metrics, limit, batch_size}
-    data_dir: str | None = None  # local mirrors of the benchmarks
-    limit: float | None = None
+    suite: str = "none"  # a label for the task set (paper | local | none | your own); recorded and cached by
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)  # lm-eval task name -> settings
+    data_dir: str | None = None  # local mirrors of the stock tasks' data (see ctrlora/evaluation/mirrors.py)
+    limit: float | None = None  # documents per task (smoke tests); null: all
     batch_size: int = 8
-    seed: int = 0
-    base_row: bool = True
-    cache_dir: str | None = None
+    max_length: int | None = None  # context window for lm-eval; null: the model's max_position_embeddings
+    seed: int | None = (
+        None  # lm-eval's random/numpy/torch/few-shot seeds; null: lm-eval's defaults (0,1234,1234,1234)
+    )
+    base_row: bool = True  # also report the unadapted backbone (computed once, cached)
+    cache_dir: str | None = None  # base rows and generated task YAMLs; null: the caller's cache root

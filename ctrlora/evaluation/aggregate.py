@@ -1,0 +1,225 @@
+"""Sweep results -> the paper-style tables (EVALUATION §2): methods × benchmarks, mean ± std over
+seeds, the base row first, the best per column in bold; as markdown and CSV.
+
+A table holds the runs of one backbone. A row is one (method, budget) over its seeds; a column
+is one reported (task, metric) of the runs' ``eval`` sections. Each cell is the mean and the
+sample standard deviation (n - 1 in the denominator; none for a single seed) over the runs;
+``avg`` is, per run, the mean over the columns, then mean ± std over the runs. The base row is
+the backbone's cached row (identical in every run of one protocol; distinct rows are averaged).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctrlora.evaluation.sections import task_rows
+
+METHOD_ORDER = (
+    "lora",
+    "qlora",
+    "dora",
+    "pissa",
+    "loraplus",
+    "adalora",
+    "sensitivity_lora",
+    "cg_lora",
+    "ctrlora",
+)
+BASE_LABEL = "base"
+Column = tuple[str, str]  # (task, metric)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the tables need from one results.json."""
+
+    path: Path
+    model: str
+    method: str
+    seed: int
+    budget: str  # "ratio=0.001" or "r=8"
+    trainable_params: int | None
+    scores: dict[Column, float]
+    base_scores: dict[Column, float]
+
+
+@dataclass(frozen=True)
+class Cell:
+    mean: float
+    std: float | None  # None for a single value
+    n: int
+
+
+@dataclass
+class TableRow:
+    method: str
+    budget: str
+    trainable_params: float | None
+    runs: list[RunRecord]
+    cells: dict[Column, Cell] = field(default_factory=dict)
+    avg: Cell | None = None
+
+
+@dataclass
+class Table:
+    model: str
+    columns: list[Column]
+    rows: list[TableRow]  # the base row first
+
+    def column_label(self, column: Column) -> str:
+        task, metric = column
+        metrics_of_task = [m for t, m in self.columns if t == task]
+        return task if len(metrics_of_task) == 1 else f"{task} ({metric.partition(',')[2] or metric})"
+
+    def best(self, column: Column | None) -> float | None:
+        """The highest mean in a column (``None`` column: the avg)."""
+        means = [cell.mean for cell in (row_cell(row, column) for row in self.rows) if cell is not None]
+        return max(means) if means else None
+
+
+def row_cell(row: TableRow, column: Column | None) -> Cell | None:
+    return row.avg if column is None else row.cells.get(column)
+
+
+def load_run(path: Path) -> RunRecord | None:
+    """A RunRecord from a results.json; None when it has no evaluated task."""
+    results = json.loads(path.read_text())
+    section = results.get("eval") or {}
+    scores = flatten(task_rows(section))
+    if not scores:
+        return None
+    run = results["run"]
+    budget = run.get("budget") or {}
+    label = f"ratio={budget['ratio']:g}" if budget.get("ratio") is not None else f"r={budget.get('rank')}"
+    return RunRecord(
+        path=path,
+        model=run["model"],
+        method=run["method"],
+        seed=int(run.get("seed", 0)),
+        budget=label,
+        trainable_params=budget.get("trainable_params"),
+        scores=scores,
+        base_scores=flatten(section.get("base", {})),
+    )
+
+
+def flatten(rows: dict[str, Any]) -> dict[Column, float]:
+    return {
+        (task, metric): float(value["value"])
+        for task, metrics in rows.items()
+        for metric, value in metrics.items()
+    }
+
+
+def collect_runs(root: Path) -> list[RunRecord]:
+    """Every evaluated run under `root` (``**/results.json``), in path order."""
+    records = [load_run(path) for path in sorted(Path(root).rglob("results.json"))]
+    return [record for record in records if record is not None]
+
+
+def summarize(values: list[float]) -> Cell:
+    """Mean and sample standard deviation (None for one value)."""
+    return Cell(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def build_tables(records: list[RunRecord]) -> list[Table]:
+    """One table per backbone, rows ordered: base, then METHOD_ORDER (others alphabetically), by budget."""
+    tables = []
+    for model in sorted({record.model for record in records}):
+        runs = [record for record in records if record.model == model]
+        columns = list(dict.fromkeys(column for record in runs for column in record.scores))
+        groups: dict[tuple[str, str], list[RunRecord]] = {}
+        for record in runs:
+            groups.setdefault((record.method, record.budget), []).append(record)
+        rows = []
+        for (method, budget), members in groups.items():
+            params = [r.trainable_params for r in members if r.trainable_params is not None]
+            row = TableRow(method, budget, statistics.fmean(params) if params else None, members)
+            fill_cells(row, [r.scores for r in members], columns)
+            rows.append(row)
+        rows.sort(key=lambda row: (method_rank(row.method), row.trainable_params or 0.0, row.budget))
+        base_rows = list(
+            {repr(sorted(r.base_scores.items())): r.base_scores for r in runs if r.base_scores}.values()
+        )
+        if base_rows:
+            base = TableRow(BASE_LABEL, "", None, [])
+            fill_cells(base, base_rows, columns)
+            rows.insert(0, base)
+        tables.append(Table(model, columns, rows))
+    return tables
+
+
+def fill_cells(row: TableRow, score_sets: list[dict[Column, float]], columns: list[Column]) -> None:
+    for column in columns:
+        values = [scores[column] for scores in score_sets if column in scores]
+        if values:
+            row.cells[column] = summarize(values)
+    complete = [scores for scores in score_sets if all(column in scores for column in columns)]
+    if complete:
+        row.avg = summarize([statistics.fmean(scores[column] for column in columns) for scores in complete])
+
+
+def format_cell(cell: Cell | None, best: float | None) -> str:
+    """Percent with one decimal, ``mean ± std``; bold when the cell holds the column's best mean."""
+    if cell is None:
+        return "–"
+    text = f"{100 * cell.mean:.1f}" + (f" ± {100 * cell.std:.1f}" if cell.std is not None else "")
+    is_best = best is not None and math.isclose(cell.mean, best, rel_tol=0.0, abs_tol=1e-12)
+    return f"**{text}**" if is_best else text
+
+
+def markdown_table(table: Table) -> str:
+    headers = [
+        "method",
+        "budget",
+        "trainable params",
+        "seeds",
+        *map(table.column_label, table.columns),
+        "avg",
+    ]
+    lines = [f"### {table.model}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in table.rows:
+        params = f"{row.trainable_params:,.0f}" if row.trainable_params is not None else "–"
+        cells = [format_cell(row_cell(row, column), table.best(column)) for column in [*table.columns, None]]
+        seeds = str(len(row.runs)) if row.runs else "–"
+        lines.append("| " + " | ".join([row.method, row.budget or "–", params, seeds, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def flat_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows of a table as plain values: raw fractions (not percent), mean and std per
+    column, None where there is no value."""
+    labels = [*map(table.column_label, table.columns), "avg"]
+    headers = ["model", "method", "budget", "trainable_params", "seeds"] + [
+        f"{label} {stat}" for label in labels for stat in ("mean", "std")
+    ]
+    rows = []
+    for row in table.rows:
+        values: list[Any] = []
+        for column in [*table.columns, None]:
+            cell = row_cell(row, column)
+            values += [None, None] if cell is None else [cell.mean, cell.std]
+        params = None if row.trainable_params is None else round(row.trainable_params)
+        rows.append([table.model, row.method, row.budget, params, len(row.runs), *values])
+    return headers, rows
+
+
+def write_csv(tables: list[Table], path: Path) -> None:
+    """Every table's `flat_rows`, one after the other (a blank line between backbones)."""
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        for index, table in enumerate(tables):
+            headers, rows = flat_rows(table)
+            if index:
+                writer.writerow([])
+            writer.writerows([headers, *rows])

@@ -1,0 +1,154 @@
+"""What `evaluate.py` does: evaluate a finished run dir, an adapter dir, or the base model alone.
+
+    python evaluate.py run_dir=runs/x                  # the run's own suite; merges into its results.json
+    python evaluate.py run_dir=runs/x eval=paper       # another suite (eval.* overrides need eval=<suite>)
+    python evaluate.py adapter=path/to/adapter model=llama2-7b eval=paper output=eval.json
+    python evaluate.py model=llama2-7b eval=paper      # the base model alone (its cached row)
+
+Run-dir mode loads the run's backbone (its ``config.yaml``) and ``adapter/`` as plain PEFT,
+evaluates exactly as the run did in memory, and merges the ``eval`` section into the run's
+``results.json`` task by task. The other modes print the JSON (or write it to ``output``).
+A base row missing from the cache is computed on a freshly loaded backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from peft import PeftModel
+
+from ctrlora import report
+from ctrlora.backbones import load_backbone, load_tokenizer
+from ctrlora.config import ModelConfig, TrainConfig
+from ctrlora.errors import ConfigError, RunDirError
+from ctrlora.evaluation.base_row import backbone_key
+from ctrlora.evaluation.config import EvalConfig
+from ctrlora.evaluation.sections import merge_eval_sections
+from ctrlora.evaluation.suite import evaluate_backbone, evaluate_model
+
+
+@dataclass
+class EvaluateConfig:
+    """`conf/evaluate.yaml`: which model to evaluate, on which suite, and where the output goes."""
+
+    run_dir: str | None = None  # a finished run: its config.yaml, adapter/ and results.json
+    adapter: str | None = None  # a PEFT adapter dir, on the backbone given by `model`
+    output: str | None = None  # adapter / base modes: write the JSON here (stdout when null)
+    accelerator: str | None = None  # cpu | gpu; null: the run's trainer.accelerator (run_dir mode), else cpu
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_evaluate_config() -> None:
+    """Register the schema that `conf/evaluate.yaml` extends (idempotent)."""
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def evaluate_saved(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Dispatch on the mode; returns the ``eval`` section (run_dir mode: after merging it)."""
+    if cfg.run_dir and cfg.adapter:
+        raise ConfigError("set run_dir or adapter, not both (run_dir=<run> already names its adapter/)")
+    if cfg.run_dir:
+        return evaluate_run_dir(Path(cfg.run_dir), cfg)
+    if cfg.eval == EvalConfig():
+        raise ConfigError("choose a suite: eval=paper | eval=local | eval=<your own conf/eval/*.yaml>")
+    accelerator = cfg.accelerator or "cpu"
+
+    def backbone() -> Any:
+        return on_device(load_backbone(cfg.model, accelerator=accelerator), accelerator)
+
+    tokenizer = load_tokenizer(cfg.model)
+    key = backbone_key(cfg.model, accelerator=accelerator)
+    if cfg.adapter:
+        model = PeftModel.from_pretrained(backbone(), cfg.adapter)
+        section = evaluate_model(model, tokenizer, cfg.eval, base_model_key=key, base_model=backbone)
+    else:
+        section = evaluate_backbone(backbone(), tokenizer, cfg.eval, base_model_key=key)
+    text = json.dumps(section, indent=2) + "\n"
+    if cfg.output:
+        Path(cfg.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return section
+
+
+def evaluate_run_dir(run_dir: Path, cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate a finished run's adapter on its backbone and merge into its results.json."""
+    results_path, adapter_dir = run_dir / "results.json", run_dir / "adapter"
+    if not results_path.exists() or not adapter_dir.is_dir():
+        raise RunDirError(
+            f"run_dir={run_dir} is not a finished run (needs results.json and adapter/); "
+            f"to evaluate a bare adapter use adapter=<dir> model=<backbone>"
+        )
+    run: TrainConfig = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml"))
+    )
+    accelerator = cfg.accelerator or run.trainer.accelerator
+    quantized = run.method.quantize_4bit
+    tokenizer = load_tokenizer(run.model)
+    if run.model.task == "sequence_classification":
+        batch_size = (run.eval if cfg.eval == EvalConfig() else cfg.eval).batch_size
+        section = evaluate_encoder_run(run, tokenizer, adapter_dir, batch_size, accelerator)
+    else:
+        suite = run_suite_config(run.eval, cfg.eval)
+
+        def backbone() -> Any:
+            return on_device(
+                load_backbone(run.model, accelerator=accelerator, quantize_4bit=quantized),
+                accelerator,
+                quantized,
+            )
+
+        section = evaluate_model(
+            PeftModel.from_pretrained(backbone(), adapter_dir),
+            tokenizer,
+            suite,
+            base_model_key=backbone_key(run.model, accelerator=accelerator, quantize_4bit=quantized),
+            base_model=backbone,
+        )
+    results = json.loads(results_path.read_text())
+    results["eval"] = merge_eval_sections(results.get("eval", {}), section)
+    report.write_json(results_path, results)
+    return results["eval"]
+
+
+def evaluate_encoder_run(
+    run: TrainConfig, tokenizer: Any, adapter_dir: Path, batch_size: int, accelerator: str
+) -> dict[str, Any]:
+    """Encoder runs: accuracy, macro-F1 and MCC on the run's test split."""
+    from ctrlora.data.datamodule import FinetuneDataModule
+    from ctrlora.evaluation.classification import classifier_eval_section
+
+    datamodule = FinetuneDataModule(
+        run.data, tokenizer, task=run.model.task, seed=run.seed, base_dir=Path.cwd()
+    )
+    datamodule.setup("test")
+    backbone = load_backbone(run.model, accelerator=accelerator, num_labels=len(datamodule.label_names or []))
+    model = PeftModel.from_pretrained(on_device(backbone, accelerator), adapter_dir)
+    return classifier_eval_section(model, datamodule, batch_size)
+
+
+def run_suite_config(run_eval: EvalConfig, requested: EvalConfig) -> EvalConfig:
+    """The suite to run on a saved run: the requested one, or the run's own when none was chosen."""
+    if requested == EvalConfig():
+        if not run_eval.tasks:
+            raise ConfigError(
+                f"the run was trained with eval={run_eval.suite} (no tasks); choose a suite: eval=local|paper"
+            )
+        return run_eval
+    if not requested.tasks:
+        raise ConfigError("eval.* overrides need a suite to apply to: add eval=<paper|local|...>")
+    return requested
+
+
+def on_device(model: Any, accelerator: str, quantized: bool = False) -> Any:
+    """Move the model to the GPU for accelerator=gpu (4-bit models are placed by bitsandbytes)."""
+    if accelerator in ("gpu", "cuda") and not quantized:
+        return model.to("cuda")
+    return model

@@ -1,0 +1,93 @@
+"""Sweep figures: the budget–accuracy plot per backbone and the rank heatmap per allocating method,
+plus the export of tables and figures to W&B.
+
+Figures are drawn on matplotlib's Agg canvas (no pyplot), like `ctrlora.plots`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from ctrlora.evaluation.aggregate import BASE_LABEL, Table, TableRow, flat_rows, markdown_table
+from ctrlora.plots import rank_heatmap
+
+
+def budget_accuracy_plot(table: Table, path: Path) -> Path:
+    """Average score (percent, ± std over seeds) against trainable parameters, one line per method;
+    the base model as a dashed horizontal line."""
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    methods = dict.fromkeys(row.method for row in table.rows if row.method != BASE_LABEL)
+    for method in methods:
+        points = sorted(
+            (row.trainable_params, row.avg)
+            for row in table.rows
+            if row.method == method and row.trainable_params is not None and row.avg is not None
+        )
+        if points:
+            axes.errorbar(
+                [x for x, _ in points],
+                [100 * cell.mean for _, cell in points],
+                yerr=[100 * (cell.std or 0.0) for _, cell in points],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+    base = next((row for row in table.rows if row.method == BASE_LABEL and row.avg is not None), None)
+    if base is not None:
+        axes.axhline(100 * base.avg.mean, color="grey", linestyle="--", label="base")
+    axes.set_xscale("log")
+    axes.set_xlabel("trainable parameters")
+    axes.set_ylabel("average score (%)")
+    axes.set_title(f"{table.model}: budget vs accuracy")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def run_ranks(row: TableRow) -> dict[str, int] | None:
+    """The per-module ranks of the row's lowest-seed run: its allocation.json (``{"ranks": {...}}``
+    or a flat ``{module: rank}``), else results.json's ``allocation.ranks``; None when neither."""
+    run = min(row.runs, key=lambda record: record.seed)
+    allocation_file = run.path.parent / "allocation.json"
+    if allocation_file.exists():
+        allocation = json.loads(allocation_file.read_text())
+    else:
+        allocation = json.loads(run.path.read_text()).get("allocation") or {}
+    ranks = allocation.get("ranks", allocation)
+    if ranks and all(isinstance(value, int) for value in ranks.values()):
+        return ranks
+    return None
+
+
+def rank_heatmaps(table: Table, out_dir: Path) -> list[Path]:
+    """One heatmap (layers × module types) per (method, budget) row whose runs record an allocation."""
+    paths = []
+    for row in table.rows:
+        ranks = run_ranks(row) if row.runs else None
+        if ranks:
+            name = f"ranks-{table.model}-{row.method}-{row.budget}.png".replace("=", "")
+            title = f"{row.method} {row.budget}: ranks"
+            paths.append(rank_heatmap(ranks, out_dir / name, title=title))
+    return paths
+
+
+def log_to_wandb(tables: list[Table], figures: list[Path], project: str, group: str | None) -> None:
+    """The tables (as W&B Tables and markdown) and figures in one W&B run (offline unless WANDB_MODE says)."""
+    import wandb
+
+    run = wandb.init(
+        project=project, group=group, job_type="aggregate", mode=os.environ.get("WANDB_MODE", "offline")
+    )
+    for table in tables:
+        headers, rows = flat_rows(table)
+        run.log({f"results/{table.model}": wandb.Table(columns=headers, data=rows)})
+        run.summary[f"results_markdown/{table.model}"] = markdown_table(table)
+    run.log({f"figures/{path.stem}": wandb.Image(str(path)) for path in figures})
+    run.finish()

@@ -1,0 +1,135 @@
+"""Evaluate an adapted model on the configured suite (DESIGN §4 step 7) and build results.json's
+``eval`` section (`ctrlora.evaluation.sections`): the model's row, the cached base row, and the
+versions that produced them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ctrlora import backbones
+from ctrlora.errors import ConfigError
+from ctrlora.evaluation.base_row import cached_base_row
+from ctrlora.evaluation.config import EvalConfig
+from ctrlora.evaluation.harness import Row, run_tasks
+from ctrlora.evaluation.sections import RESERVED_KEYS
+from ctrlora.evaluation.tasks import SuiteTasks, write_task_yamls
+
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")  # PEFT inits that rewrite the base weights
+
+
+def evaluate_model(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvalConfig,
+    *,
+    base_model_key: str,
+    cache_root: Path | None = None,
+    base_model: Callable[[], PreTrainedModel] | None = None,
+    rank_zero: bool = True,
+) -> dict[str, Any]:
+    """The ``eval`` section for `model`, evaluated as it is in memory (train/eval mode restored after).
+
+    The base row is read from the cache (`cache_root_of`), else computed on
+    ``base_model()`` (a freshly loaded backbone) when given, else on `model` itself inside
+    ``model.disable_adapter()`` — the backbone exactly, unless the adapter's initialisation
+    rewrote the base weights: PEFT's PiSSA/OLoRA/CorDA/LoftQ inits are refused there, and
+    CG-LoRA with ``cg.shift=true`` must pass `base_model`.
+
+    Returns ``{}`` for an empty suite and when ``rank_zero`` is false (call it on every rank;
+    only global rank 0 evaluates).
+    """
+    if not rank_zero or not cfg.tasks:
+        return {}
+    if cfg.base_row and base_model is None:
+        check_base_unchanged(model)
+    tasks = prepare(cfg, cache_root)
+    was_training = model.training
+    try:
+        row, versions = run_tasks(model, tokenizer, cfg, tasks)
+        section: dict[str, Any] = dict(row)
+        if cfg.base_row:
+            section["base"], _ = cached_base_row(
+                cfg,
+                tasks,
+                base_model_key=base_model_key,
+                cache_root=cache_root_of(cfg, cache_root),
+                compute=lambda: base_model_row(model, tokenizer, cfg, tasks, base_model),
+            )
+    finally:
+        model.train(was_training)
+    section["versions"] = {**versions, "suite": cfg.suite, "task_dir": str(tasks.directory)}
+    return section
+
+
+def evaluate_backbone(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvalConfig,
+    *,
+    base_model_key: str,
+    cache_root: Path | None = None,
+) -> dict[str, Any]:
+    """The unadapted backbone's row on the suite (the same cache as the base row), with its versions."""
+    if not cfg.tasks:
+        return {}
+    tasks = prepare(cfg, cache_root)
+    row, versions = cached_base_row(
+        cfg,
+        tasks,
+        base_model_key=base_model_key,
+        cache_root=cache_root_of(cfg, cache_root),
+        compute=lambda: run_tasks(model, tokenizer, cfg, tasks),
+    )
+    return {**row, "versions": {**versions, "suite": cfg.suite, "task_dir": str(tasks.directory)}}
+
+
+def cache_root_of(cfg: EvalConfig, cache_root: Path | None) -> Path:
+    """Where base rows and generated task YAMLs live: ``eval.cache_dir``, else `cache_root`, else
+    ``$CTRLORA_CACHE/eval`` (shared by all runs, so a backbone's base row is computed once)."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(cache_root) if cache_root is not None else backbones.cache_root() / "eval"
+
+
+def prepare(cfg: EvalConfig, cache_root: Path | None) -> SuiteTasks:
+    reserved = [name for name in cfg.tasks if name in RESERVED_KEYS]
+    if reserved:
+        raise ConfigError(f"eval.tasks: {', '.join(reserved)} is reserved in results.json; rename the task")
+    return write_task_yamls(cfg, cache_root_of(cfg, cache_root))
+
+
+def check_base_unchanged(model: PeftModel) -> None:
+    """Refuse adapters whose PEFT initialisation rewrote the base weights (disabling them then
+    does not give the backbone)."""
+    changing = sorted(
+        {
+            str(config.init_lora_weights)
+            for config in model.peft_config.values()
+            if str(getattr(config, "init_lora_weights", "")).lower().startswith(BASE_CHANGING_INITS)
+        }
+    )
+    if changing:
+        raise ConfigError(
+            f"init_lora_weights={', '.join(changing)} rewrote the base weights, so disabling the adapter "
+            "does not give the backbone: pass base_model=<a loader of the backbone> to evaluate_model"
+        )
+
+
+def base_model_row(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvalConfig,
+    tasks: SuiteTasks,
+    base_model: Callable[[], PreTrainedModel] | None,
+) -> tuple[Row, dict[str, Any]]:
+    """The suite on the backbone: a freshly loaded one, or `model` with its adapters disabled."""
+    if base_model is not None:
+        return run_tasks(base_model(), tokenizer, cfg, tasks)
+    with model.disable_adapter():
+        return run_tasks(model, tokenizer, cfg, tasks)

@@ -1,0 +1,56 @@
+"""Turn a sweep's results into the paper-style tables and figures.
+
+    python scripts/aggregate.py runs/                # -> runs/aggregate/{results.md,results.csv,*.png}
+    python scripts/aggregate.py multirun/2025-01-01_12-00-00 --out tables --wandb --project ctrlora
+
+Reads every ``results.json`` under ROOT; writes per backbone a markdown table (methods ×
+benchmarks, mean ± std over seeds in percent, base row first, best per column in bold), the same
+numbers as CSV (fractions), the budget–accuracy plot, and a rank heatmap per allocating method
+(from its ``allocation.json``). ``--wandb`` logs the tables and figures to W&B (offline unless
+WANDB_MODE says otherwise). See ctrlora/evaluation/aggregate.py for the statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ctrlora.evaluation.aggregate import build_tables, collect_runs, markdown_table, write_csv
+from ctrlora.evaluation.figures import budget_accuracy_plot, log_to_wandb, rank_heatmaps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("root", type=Path, help="folder searched for results.json files")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: ROOT/aggregate)")
+    parser.add_argument("--wandb", action="store_true", help="also log the tables and figures to W&B")
+    parser.add_argument("--project", default="ctrlora", help="W&B project (with --wandb)")
+    parser.add_argument("--group", default=None, help="W&B group (with --wandb)")
+    args = parser.parse_args(argv)
+
+    records = collect_runs(args.root)
+    if not records:
+        print(f"no evaluated results.json under {args.root}", file=sys.stderr)
+        return 1
+    out = args.out or args.root / "aggregate"
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(records)
+    markdown = "\n".join(markdown_table(table) for table in tables)
+    (out / "results.md").write_text(markdown)
+    write_csv(tables, out / "results.csv")
+    figures = []
+    for table in tables:
+        figures.append(budget_accuracy_plot(table, out / f"budget_accuracy-{table.model}.png"))
+        figures += rank_heatmaps(table, out)
+    if args.wandb:
+        log_to_wandb(tables, figures, args.project, args.group)
+    print(markdown)
+    print(f"{len(records)} runs -> {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""scripts/aggregate.py on hand-written results files: means, sample stds, ordering, bold, files."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+STRICT, FLEX = "exact_match,strict-match", "exact_match,flexible-extract"
+BASE = {"mmlu": 0.25, STRICT: 0.05, FLEX: 0.10}
+RUNS = {  # (method, seed): (mmlu acc, strict, flexible)
+    ("lora", 0): (0.30, 0.10, 0.20),
+    ("lora", 1): (0.34, 0.14, 0.22),
+    ("lora", 2): (0.32, 0.12, 0.24),
+    ("ctrlora", 0): (0.40, 0.10, 0.30),
+    ("ctrlora", 1): (0.36, 0.16, 0.26),
+    ("dora", 0): (0.33, 0.20, 0.21),
+}
+RANKS = {
+    "model.layers.0.self_attn.q_proj": 12,
+    "model.layers.0.self_attn.v_proj": 4,
+    "model.layers.1.self_attn.q_proj": 6,
+    "model.layers.1.self_attn.v_proj": 10,
+}
+
+
+def write_results(path: Path, method: str, seed: int, scores: tuple[float, float, float] | None) -> None:
+    entry = lambda value: {"value": value, "stderr": 0.01}  # noqa: E731
+    section = (
+        {}
+        if scores is None
+        else {
+            "mmlu": {"acc": entry(scores[0])},
+            "gsm8k": {STRICT: entry(scores[1]), FLEX: entry(scores[2])},
+            "base": {
+                "mmlu": {"acc": entry(BASE["mmlu"])},
+                "gsm8k": {STRICT: entry(BASE[STRICT]), FLEX: entry(BASE[FLEX])},
+            },
+            "versions": {"lm_eval": "0.4.13"},
+        }
+    )
+    budget = {"rank": 8, "ratio": None, "trainable_params": 16384}
+    path.mkdir(parents=True)
+    results = {
+        "run": {"method": method, "model": "tiny-llama", "seed": seed, "budget": budget},
+        "eval": section,
+    }
+    (path / "results.json").write_text(json.dumps(results))
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("aggregate_script", ROOT / "scripts" / "aggregate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_aggregate_table_statistics_order_and_outputs(tmp_path: Path) -> None:
+    for (method, seed), scores in RUNS.items():
+        write_results(tmp_path / method / f"seed{seed}", method, seed, scores)
+    write_results(tmp_path / "lora" / "unevaluated", "lora", 9, None)  # eval=none: left out
+    (tmp_path / "ctrlora" / "seed0" / "allocation.json").write_text(json.dumps({"ranks": RANKS}))
+
+    assert load_script().main([str(tmp_path)]) == 0
+    out = tmp_path / "aggregate"
+    lines = (out / "results.md").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
+    header = next(line for line in lines if line.startswith("| method"))
+    assert header == (
+        "| method | budget | trainable params | seeds | mmlu | gsm8k (strict-match) "
+        "| gsm8k (flexible-extract) | avg |"
+    )
+    # hand-computed: sample std with n - 1; avg = per-run mean over the 3 columns, then mean ± std
+    assert rows == [
+        "| base | – | – | – | 25.0 | 5.0 | 10.0 | 13.3 |",
+        "| lora | r=8 | 16,384 | 3 | 32.0 ± 2.0 | 12.0 ± 2.0 | 22.0 ± 2.0 | 22.0 ± 1.8 |",
+        "| dora | r=8 | 16,384 | 1 | 33.0 | **20.0** | 21.0 | 24.7 |",
+        "| ctrlora | r=8 | 16,384 | 2 | **38.0 ± 2.8** | 13.0 ± 4.2 | **28.0 ± 2.8** | **26.3 ± 0.5** |",
+    ]
+    with open(out / "results.csv") as file:
+        table = {row["method"]: row for row in csv.DictReader(file)}
+    assert list(table) == ["base", "lora", "dora", "ctrlora"]
+    assert float(table["lora"]["mmlu mean"]) == pytest.approx(0.32)
+    assert float(table["lora"]["mmlu std"]) == pytest.approx(0.02)
+    assert float(table["lora"]["avg std"]) == pytest.approx(
+        ((0.02**2 + (0.4 / 30) ** 2 + (0.2 / 30) ** 2) / 2) ** 0.5
+    )
+    assert float(table["ctrlora"]["gsm8k (strict-match) std"]) == pytest.approx(0.06 / 2**0.5)
+    assert table["dora"]["mmlu std"] == "" and table["dora"]["seeds"] == "1"
+    assert (out / "budget_accuracy-tiny-llama.png").stat().st_size > 0
+    heatmaps = sorted(path.name for path in out.glob("ranks-*.png"))
+    assert heatmaps == ["ranks-tiny-llama-ctrlora-r8.png"]  # the one run with an allocation.json
+
+
+def test_aggregate_logs_the_same_table_to_wandb_offline(tmp_path: Path) -> None:
+    for (method, seed), scores in RUNS.items():
+        write_results(tmp_path / "runs" / method / f"seed{seed}", method, seed, scores)
+    assert load_script().main([str(tmp_path / "runs"), "--wandb", "--project", "ctrlora-test"]) == 0
+    logged = sorted(
+        Path(os.environ["WANDB_DIR"]).glob("wandb/offline-run-*/files/media/table/results/tiny-llama*.json")
+    )
+    table = json.loads(logged[-1].read_text())
+    with open(tmp_path / "runs" / "aggregate" / "results.csv") as file:
+        written = list(csv.reader(file))
+    assert table["columns"] == written[0]
+    assert [row[1] for row in table["data"]] == ["base", "lora", "dora", "ctrlora"]
+    assert table["data"][1][5:7] == pytest.approx([0.32, 0.02])  # lora: mmlu mean, std
