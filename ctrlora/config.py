@@ -45,6 +45,7 @@ class ModelConfig:
     path: str | None = None  # local copy of the weights; required offline for hub models
     task: str = "causal_lm"  # causal_lm | sequence_classification
     builder: str | None = None  # "tiny_llama": built locally and cached on disk
+    package_dir: str | None = None  # weights shipped inside an installed Python package: "pkg/subdir"
     tiny: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
     arch: dict[str, Any] = field(default_factory=dict)  # model_type + config kwargs, for meta-device use
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from transformers import get_cosine_schedule_with_warmup
 
 from ctrlora.config import OptimConfig
@@ -42,6 +43,25 @@ class FinetuneModule(L.LightningModule):
         self.model.train()  # from_pretrained leaves the backbone in eval mode (dropout off)
         self.resumed_from_step = 0
 
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp` (a device mesh exists): shard with FSDP2 (ctrlora.fsdp); else nothing."""
+        if self.device_mesh is None:
+            return
+        from ctrlora.fsdp import check_exportable, low_precision_dtype, shard_model
+
+        check_exportable(self.method)
+        param_dtype = low_precision_dtype(self.trainer.precision) if self.trainer.accelerator != "cpu" else None
+        shard_model(self.model, self.device_mesh["data_parallel"], param_dtype)
+
+    def all_finite(self, *tensors: Tensor) -> bool:
+        """True when every value is finite on every rank (a collective, so all ranks stop together)."""
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]  # FSDP: this rank's shard
+        flags = [(~torch.isfinite(t)).any() for t in local]
+        bad = torch.stack(flags).sum().float() if flags else torch.zeros((), device=self.device)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return bool(bad == 0)  # one device sync
+
     def task_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """The model's loss. Under data parallelism a causal LM's token losses are summed and divided by
         the token count of the whole (all-rank) batch over the world size, so that DDP's gradient
@@ -55,10 +75,10 @@ class FinetuneModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         task_loss = self.task_loss(batch)
-        if not torch.isfinite(task_loss):
+        if not self.all_finite(task_loss.detach()):
             raise NonFiniteLossError(
-                f"non-finite loss ({task_loss.item()}) at step {self.global_step}; the last good"
-                " checkpoint in run_dir/checkpoints is intact — lower optim.lr or check the data"
+                f"non-finite loss ({task_loss.item()} on rank {self.global_rank}) at step {self.global_step};"
+                " the last good checkpoint in run_dir/checkpoints is intact — lower optim.lr or check the data"
             )
         self.log("train/loss", task_loss, prog_bar=True, sync_dist=True)
         extra = self.method.extra_loss(self.model, self.global_step)
@@ -79,12 +99,19 @@ class FinetuneModule(L.LightningModule):
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
-        return {key: value for key, value in self.state_dict().items() if key in trainable}
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A non-finite gradient stops the run before the step can write NaN/inf into the weights."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not self.all_finite(*grads):
+            raise NonFiniteLossError(
+                f"non-finite gradient at step {self.global_step}; the weights were not updated and the last"
+                " good checkpoint in run_dir/checkpoints is intact — lower optim.lr or check the data"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = self.trainable_state_dict()
+        """Keep the trainable entries of the strategy's state dict (under FSDP: already gathered, full)."""
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in trainable}
         checkpoint["method_state"] = self.method.state_dict()
         checkpoint["rng_states"] = rng_states()
 
@@ -130,6 +157,15 @@ class RunStats(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen_step = trainer.global_step  # non-zero when resumed
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints, so a resumed run's results cover every step, not just the resumed ones."""
+        return {"step_times": list(self.step_times), "losses": list(self.losses), "tokens": self.tokens}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step_times = list(state_dict["step_times"])
+        self.losses = list(state_dict["losses"])
+        self.tokens = int(state_dict["tokens"])
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any) -> None:
         self._start = time.perf_counter()

@@ -19,6 +19,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from ctrlora.config import TrainConfig
+from ctrlora.evaluation.sections import task_rows
 from ctrlora.lit import RunStats
 from ctrlora.methods.base import Method, trainable_parameter_count
 
@@ -65,38 +66,71 @@ def replace_dir(staging: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def save_adapter(method: Method, model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """Stock PEFT format (adapter_config.json + adapter_model.safetensors) plus the tokenizer."""
+def save_adapter(
+    method: Method, model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Stock PEFT format (adapter_config.json + adapter_model.safetensors) plus the tokenizer.
+
+    `state_dict`: the adapter gathered from FSDP shards (`ctrlora.fsdp.gather_adapter_state`), which
+    PEFT writes instead of reading the sharded model.
+    """
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    method.save_adapter(model, staging)
+    if state_dict is None:
+        method.save_adapter(model, staging)
+    else:
+        model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     replace_dir(staging, out_dir)
 
 
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a metrics CSV; none when the file does not exist."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    """Write a metrics CSV atomically (columns: the union of the rows' keys)."""
+    columns = sorted({key for row in rows for key in row})
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(partial, path)
+
+
+def splice_rows(earlier: list[dict[str, str]], later: list[dict[str, str]], from_step: int) -> list[dict[str, str]]:
+    """The earlier rows logged before `from_step`, then the later rows (which restart there)."""
+    return [row for row in earlier if int(row["step"]) < from_step] + later
+
+
 def set_aside_metrics(run_dir: Path) -> Path | None:
-    """Before a resumed fit: move metrics.csv aside (Lightning's CSV logger would delete it)."""
-    metrics = run_dir / "metrics.csv"
-    if not metrics.exists():
-        return None
-    previous = run_dir / "metrics.before-resume.csv"
-    os.replace(metrics, previous)
-    return previous
+    """Before a resumed fit: move metrics.csv aside (Lightning's CSV logger would delete it).
+
+    When an earlier resumed attempt was killed before its merge, its rows (which start at the step
+    it resumed from) are spliced onto the history already set aside, so no attempt's rows are lost.
+    """
+    metrics, previous = run_dir / "metrics.csv", run_dir / "metrics.before-resume.csv"
+    if metrics.exists() and previous.exists():
+        later = read_rows(metrics)
+        if later:
+            first_step = min(int(row["step"]) for row in later)
+            write_rows(previous, splice_rows(read_rows(previous), later, first_step))
+        metrics.unlink()
+    elif metrics.exists():
+        os.replace(metrics, previous)
+    return previous if previous.exists() else None
 
 
 def merge_resumed_metrics(run_dir: Path, previous: Path, resumed_from_step: int) -> None:
     """metrics.csv = the earlier rows logged before the resumed checkpoint's step + the new rows."""
-    with open(previous, newline="") as file:
-        old = [row for row in csv.DictReader(file) if int(row["step"]) < resumed_from_step]
-    with open(run_dir / "metrics.csv", newline="") as file:
-        new = list(csv.DictReader(file))
-    columns = sorted({key for row in old + new for key in row})
-    partial = run_dir / "metrics.csv.partial"
-    with open(partial, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(old + new)
-    os.replace(partial, run_dir / "metrics.csv")
+    metrics = run_dir / "metrics.csv"
+    write_rows(metrics, splice_rows(read_rows(previous), read_rows(metrics), resumed_from_step))
     previous.unlink()
 
 
@@ -153,12 +187,14 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"| tokens/s | {train['tokens_per_s']:.0f} |" if train["tokens_per_s"] else "| tokens/s | – |",
         f"| wall time | {run['wall_s']:.1f} s |",
     ]
-    for task, metrics in results.get("eval", {}).items():
-        if task == "base":
-            continue
+    evaluation = results.get("eval", {})
+    base = evaluation.get("base", {})
+    for task, metrics in task_rows(evaluation).items():
         for metric, value in metrics.items():
-            if isinstance(value, dict):
-                lines.append(f"| {task} {metric} | {value['value']:.4f} ± {value.get('stderr') or 0:.4f} |")
+            base_value = base.get(task, {}).get(metric, {}).get("value")
+            base_text = f" (base {base_value:.4f})" if base_value is not None else ""
+            stderr = f" ± {value['stderr']:.4f}" if value.get("stderr") is not None else ""
+            lines.append(f"| {task} {metric} | {value['value']:.4f}{stderr}{base_text} |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,17 +13,36 @@ from conftest import ROOT
 
 from ctrlora.report import logged_losses
 
-DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.process_group_backend=gloo",
-       "trainer.precision=32-true"]
-COMMON = ["trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4", "trainer.progress_bar=false",
-          "method.dropout=0.0", "optim.lr=5e-3", "calibration.num_samples=64"]
+DDP = [
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.process_group_backend=gloo",
+    "trainer.precision=32-true",
+]
+COMMON = [
+    "eval=none",
+    "trainer.max_steps=8",
+    "trainer.checkpoint_every_n_steps=4",
+    "trainer.progress_bar=false",
+    "method.dropout=0.0",
+    "optim.lr=5e-3",
+    "calibration.num_samples=64",
+]
 
 
 def run_train(run_dir: Path, *overrides: str) -> dict:
     """`python train.py ...` in a subprocess, as a user (and Lightning's DDP launcher) runs it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "train.py", f"run_dir={run_dir}", *overrides], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    subprocess.run(
+        [sys.executable, "train.py", f"run_dir={run_dir}", *overrides],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=600,
+    )
     return json.loads((run_dir / "results.json").read_text())
 
 

@@ -20,7 +20,7 @@ from ctrlora.run import assemble, train
 
 
 def test_default_run_writes_every_output(tmp_path: Path) -> None:
-    results = train(compose_config([f"run_dir={tmp_path}", *FAST]))
+    results = train(compose_config([f"run_dir={tmp_path}", *FAST, "eval=local", "eval.limit=16"]))
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     for name in ("config.yaml", "summary.md", "loss_curve.png", "metrics.csv"):
@@ -38,6 +38,11 @@ def test_default_run_writes_every_output(tmp_path: Path) -> None:
         losses = [float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")]
     assert len(losses) == 20 and train_section["final_loss"] == losses[-1]
     assert "| steps | 20 |" in (tmp_path / "summary.md").read_text()
+    # the local quotation-topic task is the default evaluation, with the base model's row beside it
+    accuracy = results["eval"]["fortune_topics"]["acc"]
+    assert 0 <= accuracy["value"] <= 1 and accuracy["stderr"] is not None
+    assert "acc" in results["eval"]["base"]["fortune_topics"]
+    assert f"| fortune_topics acc | {accuracy['value']:.4f}" in (tmp_path / "summary.md").read_text()
 
 
 PLAIN_PEFT = textwrap.dedent(

@@ -96,4 +96,5 @@ def classifier_eval_section(
     """results.json's ``eval`` section for an encoder run: ``{<data set>: metrics, "versions": {...}}``."""
     loader = classification_test_loader(datamodule, batch_size)
     metrics = classification_metrics(model, loader, num_classes=len(datamodule.label_names or []))
-    return {datamodule.cfg.name: metrics, "versions": {"torchmetrics": version("torchmetrics")}}
+    versions = {"torchmetrics": version("torchmetrics"), "samples": {datamodule.cfg.name: len(loader.dataset)}}
+    return {datamodule.cfg.name: metrics, "versions": versions}

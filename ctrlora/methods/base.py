@@ -111,10 +111,15 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, tuple[int, int]]:
-    """Fully qualified name -> (d_out, d_in) for every linear whose last name part is a target."""
+    """Fully qualified name -> (d_out, d_in) for every linear whose name ends with a target.
+
+    Matching is PEFT's for a list: the name equals a target or ends with ``"." + target``, so
+    dotted targets (``attention.output.dense``) select one of several same-named layers.
+    """
     shapes: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features"):
+        matches = any(name == target or name.endswith("." + target) for target in target_modules)
+        if matches and hasattr(module, "in_features"):
             shapes[name] = (module.out_features, module.in_features)
     if not shapes:
         raise ConfigError(

@@ -1,0 +1,143 @@
+"""FSDP2 for PEFT models (`trainer=fsdp`), through Lightning's `ModelParallelStrategy`.
+
+Layout: `fully_shard` on every decoder layer (the model's `_no_split_modules` classes) and then on
+the root PEFT model, over a 1-D data-parallel mesh of all ranks. FSDP2 shards each parameter on
+dim 0 as a DTensor, so PEFT's mix of frozen base weights and trainable adapters needs nothing
+special: only the trainable adapter gradients are reduce-scattered, and the optimizer state exists
+for the (sharded) adapters alone. Gradients are averaged over ranks, so the module's global
+token-mean loss gives the same update as one process with the same global batch.
+
+Checkpoints (`AdapterFSDPStrategy`): one file written by rank 0 that holds the trainable
+parameters and their optimizer state gathered to full tensors on the CPU, plus step, scheduler,
+RNG and method state — never the frozen base weights (Lightning's default, a distributed
+checkpoint, writes every shard of the whole model). A resume loads it on every rank and scatters
+it back into the shards (`strict=False`, since the base weights are not in it).
+
+The adapter (`gather_adapter_state`): `torch.distributed.checkpoint.state_dict.get_model_state_dict`
+cannot gather a subset without gathering the base, so the adapter's DTensors are gathered one by
+one with `full_tensor()` — a collective every rank must enter — and rank 0 writes stock PEFT files
+with `save_pretrained(..., state_dict=...)`. Methods that convert the adapter on export (PiSSA,
+OLoRA, CG-LoRA's shift) load a second adapter into the model to do so, which a sharded model
+cannot; they are refused before training starts.
+
+QLoRA under FSDP2 (GPU). `backbones.quantization_config` sets `bnb_4bit_quant_storage` to the
+compute dtype (bf16), so a `Params4bit` weight is a bf16 tensor of packed 4-bit codes that FSDP2
+shards and all-gathers like any other bf16 parameter; bitsandbytes keeps the quantisation state on
+the `Linear4bit` module and re-attaches it to the gathered weight in forward. Run it as
+`method=qlora trainer=fsdp model.dtype=bfloat16` (storage, compute and FSDP's `param_dtype` all
+bf16; adapters stay fp32 and are cast by FSDP's mixed-precision policy, gradients reduced in fp32).
+On CPU the same path runs in fp32 storage and is what the tests exercise.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from ctrlora.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+DATA_PARALLEL = "data_parallel"
+LOW_PRECISION = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+class AdapterFSDPStrategy(ModelParallelStrategy):
+    """Pure data-parallel FSDP2 over all ranks whose checkpoints hold only what training changes."""
+
+    def __init__(
+        self, process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout
+    ) -> None:
+        super().__init__(
+            save_distributed_checkpoint=False, process_group_backend=process_group_backend, timeout=timeout
+        )
+
+    def setup_environment(self) -> None:
+        """One data-parallel mesh dimension spanning every rank (no tensor parallelism)."""
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The trainable parameters as full CPU tensors (collective; complete on rank 0)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        assert self.model is not None
+        return get_model_state_dict(self.model, options=options)
+
+
+def low_precision_dtype(precision: str) -> torch.dtype | None:
+    """FSDP2's compute dtype for a Lightning precision string (`bf16-mixed` -> bf16), else None (fp32)."""
+    return LOW_PRECISION.get(str(precision).split("-")[0])
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The blocks to shard one by one: modules whose class is in the HF model's `_no_split_modules`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [module for module in base.modules() if type(module).__name__ in names]
+    if not layers:
+        raise ConfigError(
+            f"trainer=fsdp: {type(base).__name__} declares no `_no_split_modules` blocks to shard"
+            f" (found {sorted(names) or 'none'}); use trainer=ddp for this backbone"
+        )
+    return layers
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> None:
+    """`fully_shard` each decoder layer, then the root, over `mesh` (idempotent).
+
+    With `param_dtype` (bf16 on GPU) parameters are all-gathered and computed in that dtype while
+    the sharded fp32 adapters and the fp32 gradient reduction keep the optimizer exact.
+    """
+    if isinstance(model, FSDPModule):
+        return
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None
+    )
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def check_exportable(method: Any) -> None:
+    """Refuse, before training, a method whose adapter export needs the unsharded model."""
+    if getattr(method, "converts_on_export", False):
+        raise ConfigError(
+            f"method={method.name} (init={method.cfg.method.init}) converts its adapter on export by loading"
+            " its initial adapter into the model, which FSDP's sharded model cannot; use trainer=ddp"
+        )
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(param, DTensor) for param in model.parameters())
+
+
+def gather_adapter_state(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor] | None:
+    """The PEFT adapter's tensors as full CPU tensors, keyed as in `model.state_dict()`.
+
+    None when the model is not sharded (save it directly). Under FSDP every rank must call this
+    (each DTensor's `full_tensor()` is an all-gather); the result is the same on every rank.
+    Selected: the trainable parameters and every entry stored under the adapter's name
+    (`lora_A.default.weight`, `lora_magnitude_vector.default.weight`, ...), which is what PEFT's
+    `get_peft_model_state_dict` picks from.
+    """
+    if not is_sharded(model):
+        return None
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    marker = f".{adapter_name}."
+    gathered: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key in trainable or marker in f"{key}.":
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            gathered[key] = full.detach().cpu()
+    return gathered
