@@ -13,6 +13,9 @@ RNG and method state — never the frozen base weights (Lightning's default, a d
 checkpoint, writes every shard of the whole model). A resume loads it on every rank and scatters
 it back into the shards (`strict=False`, since the base weights are not in it).
 
+Evaluation runs on rank 0 alone, after the other ranks have finished, so under FSDP it evaluates
+the backbone plus the saved adapter (`evaluation_model`) instead of the sharded in-memory model.
+
 The adapter (`gather_adapter_state`): `torch.distributed.checkpoint.state_dict.get_model_state_dict`
 cannot gather a subset without gathering the base, so the adapter's DTensors are gathered one by
 one with `full_tensor()` — a collective every rank must enter — and rank 0 writes stock PEFT files
@@ -31,15 +34,19 @@ On CPU the same path runs in fp32 storage and is what the tests exercise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
+from peft import PeftModel
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
 
 from ctrlora.errors import ConfigError
 
@@ -141,3 +148,13 @@ def gather_adapter_state(model: nn.Module, adapter_name: str = "default") -> dic
             full = value.full_tensor() if isinstance(value, DTensor) else value
             gathered[key] = full.detach().cpu()
     return gathered
+
+
+def evaluation_model(
+    model: PeftModel, adapter_dir: Path, load_base: Callable[[], PreTrainedModel]
+) -> PeftModel:
+    """A model rank 0 can run alone: `model` itself, or — when FSDP shards it, whose forward needs every
+    rank — the backbone from `load_base()` with the adapter just saved in `adapter_dir`."""
+    if not is_sharded(model):
+        return model
+    return PeftModel.from_pretrained(load_base(), adapter_dir).eval()

@@ -25,7 +25,7 @@ from ctrlora.errors import RunDirError
 from ctrlora.evaluation.base_row import backbone_key
 from ctrlora.evaluation.classification import classifier_eval_section
 from ctrlora.evaluation.suite import evaluate_model
-from ctrlora.fsdp import gather_adapter_state
+from ctrlora.fsdp import evaluation_model, gather_adapter_state
 from ctrlora.lit import FinetuneModule, RunStats
 from ctrlora.methods.base import Method, build_method
 from ctrlora.ranks import adopt_submitit_ranks, is_rank_zero
@@ -101,10 +101,16 @@ def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
 def evaluate_run(cfg: TrainConfig, run: RunParts) -> dict[str, Any]:
     """The `eval` section: the suite through lm-eval on the in-memory model (its base row cached),
     or accuracy / macro-F1 / MCC on the test split for a sequence classifier."""
+    num_labels = len(run.datamodule.label_names) if cfg.model.task == "sequence_classification" else None
+    model = evaluation_model(  # under FSDP: the backbone + the saved adapter (the sharded model needs all ranks)
+        run.model, Path(cfg.run_dir) / "adapter",
+        lambda: load_backbone(cfg.model, accelerator=cfg.trainer.accelerator,
+                              quantize_4bit=cfg.method.quantize_4bit, num_labels=num_labels),
+    )
     if cfg.model.task == "sequence_classification":
-        return classifier_eval_section(run.model, run.datamodule, cfg.eval.batch_size)
+        return classifier_eval_section(model, run.datamodule, cfg.eval.batch_size)
     return evaluate_model(
-        run.model, run.tokenizer, cfg.eval,
+        model, run.tokenizer, cfg.eval,
         base_model_key=backbone_key(cfg.model, accelerator=cfg.trainer.accelerator,
                                     quantize_4bit=cfg.method.quantize_4bit),
         base_model=lambda: load_backbone(cfg.model, accelerator=cfg.trainer.accelerator,

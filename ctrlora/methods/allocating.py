@@ -125,7 +125,7 @@ class AllocatingMethod(LoraMethod):
     def scaling_for(self, rank: int) -> float:
         return self.alpha_for(rank) / rank
 
-    def allocated_config(self, ranks: Mapping[str, int], **overrides: Any) -> LoraConfig:
+    def allocated_config(self, ranks: Mapping[str, int]) -> LoraConfig:
         """The stock `LoraConfig`: full names of the modules with rank > 0, their ranks and alphas."""
         active = {name: rank for name, rank in ranks.items() if rank > 0}
         if not active:
@@ -136,7 +136,6 @@ class AllocatingMethod(LoraMethod):
             rank_pattern=dict(active),
             alpha_pattern={name: self.alpha_for(rank) for name, rank in active.items()},
             use_rslora=False,
-            **overrides,
         )
 
     def wrap(

@@ -8,13 +8,16 @@ steps before each refresh:
 
     S_a = (1/T) Σ_t x_t x_tᵀ,   S_g = (1/T) Σ_t g_t g_tᵀ,   G = (1/T) Σ_t g_t x_tᵀ,
 
-over the counted tokens t of those batches (same token rules and per-token gradient scale as
-the ``kfac`` estimator): no extra forward or backward, only outer products of what the hooks
-see. The training loss is a mean over the batch's loss items D (HF's causal-LM loss divides by
+over the counted tokens t of those batches (G over every position; the same token rules and
+per-token gradient scale as the ``kfac`` estimator): no extra forward or backward, only outer
+products of what the hooks see. The training loss is a mean over the batch's loss items D (HF's causal-LM loss divides by
 the supervised-token count; under DDP by the all-rank count over the world size) and Lightning
 divides it by the accumulation steps, so the hooked output gradient is multiplied by
 ``D × accumulate_grad_batches`` to give the per-token ``g_t`` of the summed loss. The trust-region
 term adds no output gradient (it acts on A and B directly).
+
+Refreshed factors are written once per refresh to ``checkpoints/curvature/`` and checkpoints
+refer to the file, so frequent checkpoints of a large model stay small.
 """
 
 from __future__ import annotations

@@ -1,0 +1,172 @@
+"""CTR-LoRA in training runs on tiny-llama: refreshes, λ, training-source factors, ablations, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import FAST, compose_config
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from test_run import StopAtStep
+
+from ctrlora import report
+from ctrlora.curvature.estimate import estimate_curvature
+from ctrlora.methods.cg_lora import mean_token_loss
+from ctrlora.run import assemble, train
+from ctrlora.trust_region import LambdaSchedule
+
+from .curvature_method_helpers import (
+    SMALL_CALIBRATION,
+    build_run,
+    logits,
+    relative_error,
+    reload_in_plain_peft,
+)
+
+REFRESH = ["method.ctr.refresh_every=5"]
+
+
+class FreshEstimateAt(L.Callback):
+    """After the method's refresh at `step`, estimate the curvature afresh at the same weights."""
+
+    def __init__(self, step: int, calibration, cfg) -> None:
+        self.step, self.calibration, self.cfg = step, calibration, cfg
+        self.fresh = None
+        self.used = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.step and self.fresh is None:
+            method = pl_module.method
+            self.used = {name: (c.a.dense().clone(), c.g.dense().clone()) for name, c in method.curvature.modules.items()}
+            model = pl_module.model.get_base_model()
+            self.fresh = estimate_curvature(model, self.calibration, list(self.used), self.cfg, progress=False)
+
+
+def test_refreshes_happen_at_the_refresh_steps_with_fresh_estimates_and_lambda_follows_its_schedule(tmp_path: Path) -> None:
+    run = build_run(tmp_path, "ctrlora", *REFRESH)
+    probe = FreshEstimateAt(10, run.datamodule.calibration_dataloader(), run.method.curvature_settings())
+    run.trainer.callbacks.append(probe)
+    initial = {name: c.g.dense().clone() for name, c in run.method.curvature.modules.items()}
+    batch = next(iter(run.datamodule.calibration_dataloader()))
+    before = mean_token_loss(run.model, [batch])
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+
+    assert [refresh["step"] for refresh in run.method.refreshes] == [5, 10, 15]
+    for name, (a, g) in probe.used.items():
+        assert relative_error(a, probe.fresh[name].a.dense()) < 1e-6, name
+        assert relative_error(g, probe.fresh[name].g.dense()) < 1e-6, name
+        assert relative_error(g, initial[name]) > 0.1, name  # not the step-0 factors: the weights moved
+    assert [r["label"] for r in run.method.curvature_reports] == ["initial", "refresh", "refresh", "refresh"]
+
+    schedule = LambdaSchedule("cosine", 0.1, 20)
+    with open(tmp_path / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("method/lambda")]
+    assert [int(row["step"]) for row in rows] == list(range(20))
+    for row in rows:
+        assert float(row["method/lambda"]) == approx_f32(schedule(int(row["step"])))
+        assert float(row["train/extra_to_task"]) == approx_f32(float(row["train/extra_loss"]) / float(row["train/loss"]))
+    assert float(rows[-1]["method/penalty"]) > 0
+
+    assert mean_token_loss(run.model, [batch]) < before - 0.05
+    assert 0 in run.method.ranks.values() and len(set(run.method.ranks.values())) > 2
+    report.save_adapter(run.method, run.model, run.tokenizer, tmp_path / "adapter")
+    reloaded = reload_in_plain_peft(tmp_path, tmp_path / "adapter", batch)
+    assert torch.allclose(reloaded, logits(run.model, batch), atol=1e-5)
+
+
+def approx_f32(value: float):
+    return pytest.approx(value, rel=1e-6, abs=1e-9)  # Lightning logs scalars as fp32
+
+
+class WindowSnapshots(L.Callback):
+    """The batch and adapter weights of every training micro-batch of the given optimizer steps."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps, self.snapshots = steps, []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step + 1 in self.steps:
+            weights = {n: p.detach().clone() for n, p in pl_module.model.named_parameters() if p.requires_grad}
+            self.snapshots.append(({k: v.clone() for k, v in batch.items()}, weights))
+
+
+def test_training_source_accumulates_the_kfac_factors_of_the_batches_before_the_refresh(tmp_path: Path) -> None:
+    run = build_run(
+        tmp_path, "ctrlora", *REFRESH, "method.ctr.refresh_source=training", "method.ctr.refresh_batches=2",
+        "method.dropout=0", "trainer.max_steps=6", "trainer.accumulate_grad_batches=2",
+    )
+    snapshots = WindowSnapshots({4, 5})
+    run.trainer.callbacks.append(snapshots)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert [refresh["step"] for refresh in run.method.refreshes] == [5]
+    assert len(snapshots.snapshots) == 4  # 2 optimizer steps × 2 accumulated micro-batches
+
+    names = list(run.method.layers)
+    sums: dict[str, list[torch.Tensor]] = {}
+    total = 0
+    params = dict(run.model.named_parameters())
+    for batch, weights in snapshots.snapshots:
+        with torch.no_grad():
+            for key, value in weights.items():
+                params[key].copy_(value)
+        estimate = estimate_curvature(run.model.get_base_model(), [batch], names, run.method.curvature_settings(), progress=False)
+        total += estimate.report.tokens
+        for name in names:
+            a, g = estimate[name].a.dense(), estimate[name].g.dense()
+            previous = sums.get(name, [0, 0])
+            sums[name] = [previous[0] + estimate.report.tokens * a, previous[1] + estimate.report.tokens * g]
+    for name in names:
+        used = run.method.curvature[name]
+        assert used.tokens == total
+        assert relative_error(used.a.dense(), sums[name][0] / total) < 1e-5, name
+        assert relative_error(used.g.dense(), sums[name][1] / total) < 1e-5, name
+
+
+def test_without_allocation_and_trust_region_ctrlora_trains_exactly_like_lora(tmp_path: Path) -> None:
+    steps = ["trainer.max_steps=5"]
+    lora = build_run(tmp_path / "lora", "lora", *steps)
+    lora.trainer.fit(lora.module, datamodule=lora.datamodule)
+    ablated = build_run(  # assembled after the first fit: assemble re-seeds the dropout RNG
+        tmp_path / "ctr", "ctrlora", "method.ctr.allocation=uniform", "method.ctr.trust_region=false", *steps
+    )
+    assert not ablated.method.needs_calibration and ablated.method.callbacks() == []
+    ablated.trainer.fit(ablated.module, datamodule=ablated.datamodule)
+    expected = {n: p for n, p in lora.model.named_parameters() if p.requires_grad}
+    actual = {n: p for n, p in ablated.model.named_parameters() if p.requires_grad}
+    assert expected.keys() == actual.keys() and len(expected) == 28
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_run_resumed_after_a_refresh_and_a_reallocation_ends_with_the_same_adapter(tmp_path: Path) -> None:
+    options = [*FAST, *SMALL_CALIBRATION, *REFRESH, "method=ctrlora", "method.ctr.reallocate=true", "method.ctr.hysteresis=0"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    results = train(compose_config([f"run_dir={full}", *options]))
+    history = json.loads((full / "allocation.json").read_text())["reallocations"]
+    assert history and history[0]["step"] == 5  # rank units moved before the stop
+
+    stopped.mkdir()
+    run = assemble(OmegaConf.to_object(compose_config([f"run_dir={stopped}", *options])), stopped)
+    run.trainer.callbacks.insert(0, StopAtStep(10))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 10 and [r["step"] for r in run.method.refreshes] == [5, 10]
+    resumed = train(compose_config([f"run_dir={stopped}", "resume=true", *options]))
+
+    expected = load_file(full / "adapter" / "adapter_model.safetensors")
+    actual = load_file(stopped / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert resumed["allocation"]["ranks"] == results["allocation"]["ranks"]
+    assert [r["step"] for r in resumed["train"]["curvature"]["refreshes"]] == [5, 10, 15]
+    assert results["train"]["curvature"]["refresh_s"] > 0 and results["train"]["curvature"]["calibration_s"] > 0
+    state = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)["method_state"]
+    assert state["curvature_file"] == "checkpoints/curvature/refresh-0000015.pt"  # factors once per refresh, by reference
+    assert sorted(p.name for p in (full / "checkpoints" / "curvature").iterdir()) == ["refresh-0000010.pt", "refresh-0000015.pt"]
+    config = json.loads((stopped / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {k: v for k, v in results["allocation"]["ranks"].items() if v > 0}
