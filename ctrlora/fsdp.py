@@ -16,20 +16,20 @@ it back into the shards (`strict=False`, since the base weights are not in it).
 Evaluation runs on rank 0 alone, after the other ranks have finished, so under FSDP it evaluates
 the backbone plus the saved adapter (`evaluation_model`) instead of the sharded in-memory model.
 
-The adapter (`gather_adapter_state`): `torch.distributed.checkpoint.state_dict.get_model_state_dict`
-cannot gather a subset without gathering the base, so the adapter's DTensors are gathered one by
-one with `full_tensor()` — a collective every rank must enter — and rank 0 writes stock PEFT files
-with `save_pretrained(..., state_dict=...)`. Methods that convert the adapter on export (PiSSA,
-OLoRA, CG-LoRA's shift) load a second adapter into the model to do so, which a sharded model
-cannot; they are refused before training starts.
+The adapter (`gather_adapter_state`): the same gather of the trainable parameters
+(`get_model_state_dict(full_state_dict, cpu_offload, ignore_frozen_params)`, a collective every
+rank enters), after which rank 0 writes stock PEFT files with `save_pretrained(..., state_dict=...)`. Refused before training starts: methods that convert
+the adapter on export (PiSSA, OLoRA, CG-LoRA's shift; they load a second adapter into the model),
+and AdaLoRA (PEFT's allocator works on whole matrices).
 
 QLoRA under FSDP2 (GPU). `backbones.quantization_config` sets `bnb_4bit_quant_storage` to the
 compute dtype (bf16), so a `Params4bit` weight is a bf16 tensor of packed 4-bit codes that FSDP2
 shards and all-gathers like any other bf16 parameter; bitsandbytes keeps the quantisation state on
 the `Linear4bit` module and re-attaches it to the gathered weight in forward. Run it as
-`method=qlora trainer=fsdp model.dtype=bfloat16` (storage, compute and FSDP's `param_dtype` all
-bf16; adapters stay fp32 and are cast by FSDP's mixed-precision policy, gradients reduced in fp32).
-On CPU the same path runs in fp32 storage and is what the tests exercise.
+`method=qlora trainer=fsdp` (`model.dtype=auto` is bf16 on GPU: storage, compute and FSDP's
+`param_dtype` all bf16; adapters stay fp32 and are cast by FSDP's mixed-precision policy, gradients
+reduced in fp32). On CPU the same path runs with fp32 storage; that is what the tests exercise
+(2 gloo ranks match one process). Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy
 from peft import PeftModel
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
@@ -55,6 +56,9 @@ if TYPE_CHECKING:
 
 DATA_PARALLEL = "data_parallel"
 LOW_PRECISION = {"bf16": torch.bfloat16, "16": torch.float16}
+UNSHARDABLE_METHODS = {
+    "adalora": "PEFT's rank allocator reads and masks whole matrices and gradients, FSDP holds shards; use trainer=ddp",
+}
 
 
 class AdapterFSDPStrategy(ModelParallelStrategy):
@@ -75,11 +79,8 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The trainable parameters as full CPU tensors (collective; complete on rank 0)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         assert self.model is not None
-        return get_model_state_dict(self.model, options=options)
+        return trainable_state(self.model)
 
 
 def low_precision_dtype(precision: str) -> torch.dtype | None:
@@ -104,10 +105,17 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | N
     """`fully_shard` each decoder layer, then the root, over `mesh` (idempotent).
 
     With `param_dtype` (bf16 on GPU) parameters are all-gathered and computed in that dtype while
-    the sharded fp32 adapters and the fp32 gradient reduction keep the optimizer exact.
+    the sharded fp32 adapters and the fp32 gradient reduction keep the optimizer exact. 4-bit weights
+    must already be stored in `param_dtype` (`bnb_4bit_quant_storage`): a cast would corrupt them.
     """
     if isinstance(model, FSDPModule):
         return
+    storage = {param.dtype for param in model.parameters() if getattr(param, "quant_state", None) is not None}
+    if param_dtype is not None and storage - {param_dtype}:
+        raise ConfigError(
+            f"trainer=fsdp computes in {param_dtype} but the 4-bit weights are stored as {sorted(map(str, storage))};"
+            " FSDP's cast would corrupt their packed codes. Set model.dtype to the compute dtype (auto: bf16 on GPU)"
+        )
     policy = MixedPrecisionPolicy(
         param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None
     )
@@ -116,8 +124,12 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | N
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def check_exportable(method: Any) -> None:
-    """Refuse, before training, a method whose adapter export needs the unsharded model."""
+def check_fsdp_support(method: Any) -> None:
+    """Refuse, before training, a method that cannot work on sharded parameters."""
+    if method.name in UNSHARDABLE_METHODS:
+        raise ConfigError(
+            f"method={method.name} cannot run under trainer=fsdp: {UNSHARDABLE_METHODS[method.name]}"
+        )
     if getattr(method, "converts_on_export", False):
         raise ConfigError(
             f"method={method.name} (init={method.cfg.method.init}) converts its adapter on export by loading"
@@ -129,25 +141,20 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(param, DTensor) for param in model.parameters())
 
 
-def gather_adapter_state(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor] | None:
-    """The PEFT adapter's tensors as full CPU tensors, keyed as in `model.state_dict()`.
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable parameters as full CPU tensors, keyed as in `model.state_dict()`.
 
-    None when the model is not sharded (save it directly). Under FSDP every rank must call this
-    (each DTensor's `full_tensor()` is an all-gather); the result is the same on every rank.
-    Selected: the trainable parameters and every entry stored under the adapter's name
-    (`lora_A.default.weight`, `lora_magnitude_vector.default.weight`, ...), which is what PEFT's
-    `get_peft_model_state_dict` picks from.
+    A collective every rank must enter; the frozen base is dropped before anything is gathered,
+    and only rank 0 receives the tensors (the other ranks get an empty dict).
     """
-    if not is_sharded(model):
-        return None
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    marker = f".{adapter_name}."
-    gathered: dict[str, Tensor] = {}
-    for key, value in model.state_dict().items():
-        if key in trainable or marker in f"{key}.":
-            full = value.full_tensor() if isinstance(value, DTensor) else value
-            gathered[key] = full.detach().cpu()
-    return gathered
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+def gather_adapter_state(model: nn.Module) -> dict[str, Tensor] | None:
+    """The PEFT adapter gathered from FSDP shards for `save_pretrained(state_dict=...)` on rank 0;
+    None when the model is not sharded (PEFT then reads it directly). Every rank must call it."""
+    return trainable_state(model) if is_sharded(model) else None
 
 
 def evaluation_model(

@@ -47,11 +47,10 @@ class FinetuneModule(L.LightningModule):
         """Under `trainer=fsdp` (a device mesh exists): shard with FSDP2 (ctrlora.fsdp); else nothing."""
         if self.device_mesh is None:
             return
-        from ctrlora.fsdp import check_exportable, low_precision_dtype, shard_model
+        from ctrlora.fsdp import DATA_PARALLEL, check_fsdp_support, low_precision_dtype, shard_model
 
-        check_exportable(self.method)
-        param_dtype = low_precision_dtype(self.trainer.precision) if self.trainer.accelerator != "cpu" else None
-        shard_model(self.model, self.device_mesh["data_parallel"], param_dtype)
+        check_fsdp_support(self.method)
+        shard_model(self.model, self.device_mesh[DATA_PARALLEL], low_precision_dtype(self.trainer.precision))
 
     def all_finite(self, *tensors: Tensor) -> bool:
         """True when every value is finite on every rank (a collective, so all ranks stop together)."""

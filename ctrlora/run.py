@@ -33,7 +33,10 @@ from ctrlora.trainers import build_loggers, build_trainer
 from ctrlora.wandb_logging import log_run_summary
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("adapter", "checkpoints", "results.json", "summary.md", "metrics.csv", "allocation.json")
+OUTPUTS = (
+    "adapter", "checkpoints", "results.json", "summary.md", "metrics.csv", "allocation.json", "rank_heatmap.png",
+    "loss_curve.png",
+)
 
 
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:

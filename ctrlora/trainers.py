@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy, Strategy
@@ -34,19 +36,24 @@ def build_strategy(cfg: TrainerConfig) -> Strategy | str:
 def sweep_group() -> str | None:
     """The W&B group of a sweep's runs: the sweep dir's name under a Hydra multirun (submitit,
     basic launcher), or `WANDB_RUN_GROUP`, which `hydra/launcher=local` sets for its job processes."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().sweep.dir).name
     return os.environ.get("WANDB_RUN_GROUP")
+
+
+def earlier_wandb_id(run_dir: Path) -> str | None:
+    """The W&B run id of an earlier attempt of this run (`wandb/latest-run` -> `*run-<time>-<id>`)."""
+    latest = run_dir / "wandb" / "latest-run"
+    return latest.resolve().name.rsplit("-", 1)[-1] if latest.exists() else None
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict) -> list[Logger]:
     """`metrics.csv` is always written in the run dir; wandb or tensorboard log alongside it.
 
     The CSV file is appended to at every logged step, so a killed run loses no rows (Lightning's
-    default buffers 100 steps) and a resume can splice the history exactly.
+    default buffers 100 steps) and a resume can splice the history exactly. `config` is the run's
+    resolved config (logged as hyperparameters); when its `resume` is set, W&B continues the earlier
+    attempt's run (same id) instead of starting a second one.
     """
     if cfg.name not in LOGGERS:
         raise ConfigError(f"logger.name={cfg.name!r} is unknown; valid: {', '.join(LOGGERS)}")
@@ -54,6 +61,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
         CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
     ]
     if cfg.name == "wandb":
+        earlier_id = earlier_wandb_id(run_dir) if config.get("resume") else None
         wandb = WandbLogger(
             project=cfg.project,
             entity=cfg.entity,
@@ -63,6 +71,8 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
             save_dir=str(run_dir),
             offline=cfg.mode == "offline",
             mode=cfg.mode,
+            id=earlier_id,
+            resume="allow" if earlier_id else None,
         )
         wandb.log_hyperparams(config)
         loggers.append(wandb)
@@ -95,9 +105,6 @@ def check_rank_launch(trainer: L.Trainer) -> None:
     `hydra/launcher=local` runs each job as its own `python train.py` process (Lightning then
     starts the ranks correctly), submitit/SLURM start `tasks_per_node` processes per job.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if trainer.num_devices * trainer.num_nodes < 2 or trainer.strategy.cluster_environment is None:
         return
     if trainer.strategy.cluster_environment.creates_processes_externally:

@@ -211,7 +211,7 @@ class MethodBase:
 
 
 def to_float32_trainables(model: nn.Module) -> None:
-    """Keep adapter weights in fp32 whatever the backbone dtype (stable AdamW updates)."""
+    """Keep adapter weights at least fp32 whatever the backbone dtype (stable AdamW updates)."""
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()

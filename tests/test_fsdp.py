@@ -1,0 +1,205 @@
+"""FSDP2 on CPU (gloo, 2 processes): sharded PEFT training, resume, adapter export and checkpoint size.
+
+The FSDP run is SIGKILLed on both ranks after step 6 (the checkpoint of step 4 exists) and resumed;
+it must then match one process with the same global batch, save one stock PEFT adapter (gathered
+from the shards) that plain PEFT loads, and leave checkpoints that hold the adapter and its
+optimizer state only — never the frozen base weights.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose_config
+from kill_points import arm_every_process
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
+from safetensors.torch import load_file
+from test_distributed import run_train
+from test_run import PLAIN_PEFT
+from transformers import AutoModelForCausalLM
+
+from ctrlora.backbones import load_backbone, load_tokenizer, resolve_source
+from ctrlora.checkpoints import latest_checkpoint
+from ctrlora.config import ModelConfig
+from ctrlora.data.datamodule import FinetuneDataModule
+from ctrlora.errors import ConfigError
+from ctrlora.fsdp import check_fsdp_support, shard_model
+from ctrlora.methods.base import build_method
+from ctrlora.report import logged_losses
+from ctrlora.run import train
+
+FSDP = [
+    "trainer=fsdp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.process_group_backend=gloo",
+    "trainer.precision=32-true",
+]
+COMMON = [
+    "eval=none",
+    "trainer.max_steps=8",
+    "trainer.checkpoint_every_n_steps=4",
+    "trainer.progress_bar=false",
+    "method.dropout=0.0",
+    "optim.lr=5e-3",
+    "calibration.num_samples=64",
+]
+
+
+def killed_run(run_dir: Path, after_step: int, *overrides: str) -> int:
+    """`python train.py` whose every rank SIGKILLs itself after `after_step`; its exit code."""
+    env = arm_every_process(run_dir.with_name(run_dir.name + "-site"), after_step)
+    command = [sys.executable, "train.py", f"run_dir={run_dir}", *overrides]
+    return subprocess.run(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600
+    ).returncode
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def calibration_batch(composed: DictConfig) -> dict[str, torch.Tensor]:
+    cfg = OmegaConf.to_object(composed)
+    data = FinetuneDataModule(
+        cfg.data,
+        load_tokenizer(cfg.model),
+        task=cfg.model.task,
+        seed=cfg.seed,
+        calibration=cfg.calibration,
+        base_dir=ROOT,
+    )
+    data.setup("fit")
+    return next(iter(data.calibration_dataloader()))
+
+
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora"])
+def test_fsdp_killed_and_resumed_matches_one_process_and_exports_the_adapter(
+    tmp_path: Path, method: str
+) -> None:
+    single_dir, fsdp_dir = tmp_path / "single", tmp_path / "fsdp"
+    single = train(
+        compose_config([f"run_dir={single_dir}", f"method={method}", "data.batch_size=8", *COMMON])
+    )
+    overrides = [f"method={method}", "data.batch_size=4", *FSDP, *COMMON]
+    assert killed_run(fsdp_dir, 6, *overrides) == -9
+    assert latest_checkpoint(fsdp_dir / "checkpoints").name == "step000004.ckpt"
+    fsdp = run_train(fsdp_dir, "resume=true", *overrides, "eval=local", "eval.limit=4")
+    assert 0 <= fsdp["eval"]["fortune_topics"]["acc"]["value"] <= 1  # rank 0 evaluates alone
+
+    # the same training as one process with the same global batch, across the kill
+    assert fsdp["meta"]["world_size"] == 2 and fsdp["train"]["steps"] == 8
+    assert fsdp["train"]["final_loss"] == pytest.approx(single["train"]["final_loss"], rel=1e-5)
+    steps_single, losses_single = logged_losses(single_dir)
+    steps_fsdp, losses_fsdp = logged_losses(fsdp_dir)
+    assert steps_fsdp == steps_single == list(range(1, 9))
+    assert losses_fsdp == pytest.approx(losses_single, rel=1e-5)
+    expected = load_file(single_dir / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(fsdp_dir / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys()
+    for key in expected:  # full tensors, gathered from the shards
+        assert adapter[key].shape == expected[key].shape and torch.allclose(
+            adapter[key], expected[key], atol=1e-6
+        )
+    # one run dir, written once
+    assert sorted(p.name for p in fsdp_dir.iterdir()) == sorted(p.name for p in single_dir.iterdir())
+
+    # plain PEFT (no ctrlora import) loads the FSDP adapter and computes the trained model's logits
+    batch = calibration_batch(compose_config([f"run_dir={tmp_path}", *COMMON]))
+    torch.save(batch, tmp_path / "batch.pt")
+    (tmp_path / "plain_peft.py").write_text(PLAIN_PEFT)
+    subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "plain_peft.py"),
+            str(fsdp_dir / "adapter"),
+            str(tmp_path / "batch.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_source(ModelConfig(builder="tiny_llama")), dtype=torch.float32
+    )
+    base_bytes = tensor_bytes(dict(base.named_parameters()))
+    trained = PeftModel.from_pretrained(base, single_dir / "adapter").eval()
+    plain = torch.load(tmp_path / "logits.pt")
+    assert torch.allclose(plain, logits(trained, batch), atol=1e-5)
+    with trained.disable_adapter():
+        assert not torch.allclose(plain, logits(trained, batch), atol=1e-3)
+
+    # the checkpoint: adapter + its two Adam moments (+ a little state), no base weights
+    checkpoint_path = fsdp_dir / "checkpoints" / "step000008.ckpt"
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    assert set(checkpoint["state_dict"]) == {
+        f"model.{k}".replace(".weight", ".default.weight") for k in adapter
+    }
+    adapter_bytes = tensor_bytes(adapter)
+    assert tensor_bytes(checkpoint["state_dict"]) == adapter_bytes
+    moments = {
+        f"{index}.{name}": value
+        for index, state in checkpoint["optimizer_states"][0]["state"].items()
+        for name, value in state.items()
+        if name != "step"
+    }
+    assert tensor_bytes(moments) == 2 * adapter_bytes
+    assert checkpoint_path.stat().st_size <= 3 * adapter_bytes + 96 * 1024 < base_bytes
+
+
+@pytest.mark.slow
+def test_qlora_under_fsdp_matches_one_process(tmp_path: Path) -> None:
+    """4-bit weights stored in the compute dtype (`bnb_4bit_quant_storage`) shard like any other weight;
+    on CPU that dtype is fp32, on GPU bf16 (`model.dtype=bfloat16`)."""
+    backbone = load_backbone(ModelConfig(builder="tiny_llama"), accelerator="cpu", quantize_4bit=True)
+    quantized = [p for p in backbone.parameters() if getattr(p, "quant_state", None) is not None]
+    assert quantized and {p.dtype for p in quantized} == {torch.float32}  # one dtype: FSDP can shard it
+
+    overrides = ["method=qlora", *COMMON, "trainer.max_steps=4"]
+    train(compose_config([f"run_dir={tmp_path / 'single'}", "data.batch_size=8", *overrides]))
+    run_train(tmp_path / "fsdp", "data.batch_size=4", *FSDP, *overrides)
+    (steps_fsdp, losses_fsdp), (steps_single, losses_single) = (
+        logged_losses(tmp_path / name) for name in ("fsdp", "single")
+    )
+    assert steps_fsdp == steps_single == [1, 2, 3, 4]
+    assert losses_fsdp == pytest.approx(losses_single, rel=1e-5)
+    expected = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys()
+    assert all(torch.allclose(adapter[key], expected[key], atol=1e-6) for key in expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [(["method=adalora"], "allocator"), (["method=pissa"], "converts its adapter"), (["method=lora"], None)],
+)
+def test_methods_fsdp_cannot_shard_are_refused_before_training(
+    tmp_path: Path, overrides: list[str], refused: str | None
+) -> None:
+    cfg = OmegaConf.to_object(compose_config([f"run_dir={tmp_path}", *overrides]))
+    method = build_method(cfg, total_steps=8, run_dir=tmp_path)
+    if refused is None:
+        check_fsdp_support(method)
+        return
+    with pytest.raises(ConfigError, match=f"{refused}.*trainer=ddp"):
+        check_fsdp_support(method)
+
+
+def test_fsdp_refuses_to_cast_4bit_weights_stored_in_another_dtype(tmp_path: Path) -> None:
+    """FSDP casts every parameter to its compute dtype; packed 4-bit codes survive only if stored in it."""
+    cfg = OmegaConf.to_object(compose_config([f"run_dir={tmp_path}", "method=qlora"]))
+    backbone = load_backbone(cfg.model, accelerator="cpu", quantize_4bit=True)  # stored as fp32 on CPU
+    model = build_method(cfg, total_steps=8, run_dir=tmp_path).prepare(backbone, None)
+    with pytest.raises(ConfigError, match="stored as.*float32.*model.dtype"):
+        shard_model(model, mesh=None, param_dtype=torch.bfloat16)
