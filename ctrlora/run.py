@@ -6,8 +6,8 @@ import json
 import logging
 import shutil
 import time
-from datetime import datetime, timezone
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
