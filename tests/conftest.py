@@ -25,6 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)  # tiny models: one thread is faster than two contending
 register_configs()
 
+# two CPU processes over gloo (DDP and FSDP tests), and the short deterministic run they compare
+TWO_CPU_PROCESSES = [
+    "trainer.accelerator=cpu", "trainer.devices=2", "trainer.process_group_backend=gloo", "trainer.precision=32-true",
+]
+SHORT_RUN = [
+    "eval=none", "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4", "trainer.progress_bar=false",
+    "method.dropout=0.0", "optim.lr=5e-3", "calibration.num_samples=64",
+]
 FAST = ["trainer.progress_bar=false", "trainer.max_steps=20", "trainer.checkpoint_every_n_steps=10", "eval=none"]
 
 

@@ -9,26 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SHORT_RUN, TWO_CPU_PROCESSES
 
 from ctrlora.report import logged_losses
 
-DDP = [
-    "trainer=ddp",
-    "trainer.accelerator=cpu",
-    "trainer.devices=2",
-    "trainer.process_group_backend=gloo",
-    "trainer.precision=32-true",
-]
-COMMON = [
-    "eval=none",
-    "trainer.max_steps=8",
-    "trainer.checkpoint_every_n_steps=4",
-    "trainer.progress_bar=false",
-    "method.dropout=0.0",
-    "optim.lr=5e-3",
-    "calibration.num_samples=64",
-]
+DDP = ["trainer=ddp", *TWO_CPU_PROCESSES]
+COMMON = SHORT_RUN
 
 
 def run_train(run_dir: Path, *overrides: str) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, SHORT_RUN, TWO_CPU_PROCESSES, compose_config
 from kill_points import arm_every_process
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
@@ -33,22 +33,8 @@ from ctrlora.methods.base import build_method
 from ctrlora.report import logged_losses
 from ctrlora.run import train
 
-FSDP = [
-    "trainer=fsdp",
-    "trainer.accelerator=cpu",
-    "trainer.devices=2",
-    "trainer.process_group_backend=gloo",
-    "trainer.precision=32-true",
-]
-COMMON = [
-    "eval=none",
-    "trainer.max_steps=8",
-    "trainer.checkpoint_every_n_steps=4",
-    "trainer.progress_bar=false",
-    "method.dropout=0.0",
-    "optim.lr=5e-3",
-    "calibration.num_samples=64",
-]
+FSDP = ["trainer=fsdp", *TWO_CPU_PROCESSES]
+COMMON = SHORT_RUN
 
 
 def killed_run(run_dir: Path, after_step: int, *overrides: str) -> int:
