@@ -1,4 +1,7 @@
-"""`activation` estimator (METHODS §3): input second moments ``S_a = (1/T) Σ_t x_t x_tᵀ``, forward only.
+"""`activation` estimator (METHODS §3): input second moments ``S_a = (1/P) Σ_p x_p x_pᵀ``, forward only.
+
+The sum runs over the objective's statistics positions (every non-padding position; see
+`ctrlora.curvature.objectives`): the layer's reconstruction error matters wherever it is applied.
 
 This is Sensitivity-LoRA's Hessian proxy: the layer-wise reconstruction Hessian of ``W``, shared by
 all rows, so ``h_ij = [S_a]_jj``. The passes run under ``torch.no_grad``.
@@ -57,7 +60,7 @@ def estimate_activation(
         )
     sums = OuterProductSums(accumulation_dtype(modules.values()))
     recorder = TargetRecorder(modules, on_input=sums.add_outer)
-    tokens = run_pass(
+    tokens, positions = run_pass(
         model,
         batches,
         recorder,
@@ -67,5 +70,5 @@ def estimate_activation(
         description=description,
         progress=progress,
     )
-    factors = input_factors(sums.means(tokens), recorder, plan)
+    factors = input_factors(sums.means(positions), recorder, plan)
     return {name: ModuleCurvature(a=factors[name], tokens=tokens) for name in modules}

@@ -1,19 +1,25 @@
 """`kfac` estimator (METHODS §3): Kronecker factors with tokens as examples (K-FAC "expand").
 
-Over the counted tokens t of the calibration set (T of them):
+Over the P statistics positions p (every non-padding position) and the T counted tokens of the
+calibration set:
 
-    S_a = (1/T) Σ_t x_t x_tᵀ              (d_in x d_in)
-    S_g = (1/T) Σ_t g_t g_tᵀ              (d_out x d_out)
-    G   = (1/T) Σ_t g_t x_tᵀ              (d_out x d_in, when asked)
+    S_a = (1/P) Σ_p x_p x_pᵀ              (d_in x d_in)
+    S_g = (1/T) Σ_p g_p g_pᵀ              (d_out x d_out)
+    G   = (1/T) Σ_p g_p x_pᵀ              (d_out x d_in, when asked)
 
-with ``g_t = ∂L/∂y_t`` for the SUM ``L`` of the per-token losses, so its scale does not depend on
-the batch size, and ``S_g ⊗ S_a`` approximates the Fisher of the mean token loss:
+with ``g_p = ∂L/∂y_p`` for the SUM ``L`` of the per-token losses, so its scale does not depend on
+the batch size. The Fisher of the mean token loss is ``(1/T) Σ_p (g_p g_pᵀ) ⊗ (x_p x_pᵀ)`` under
+K-FAC's per-position independence; replacing the sum of products by P times the product of the
+position means gives ``S_g ⊗ S_a`` with the scales above (with P = T when every position is
+supervised, as in METHODS §3). ``S_g ⊗ S_a`` approximates that Fisher:
 ``ΔL ≈ ⟨G, ΔW⟩ + ½ tr(ΔWᵀ S_g ΔW S_a)``. ``fisher: empirical`` takes g_t from the true labels;
 ``fisher: mc`` from ``mc_samples`` label sets drawn from the model (seeded), averaging
 ``S_g`` over the draws, which makes ``E[S_g]`` the (type-2) Fisher factor. ``G`` always uses the true
-labels and is the exact gradient of the mean loss: it sums over every position, since a position
-whose own label is ignored (a prompt token) still passes gradient to later tokens through attention
-(padding positions carry none).
+labels and is the exact gradient of the mean loss. All three sum over every position, since a
+position whose own label is ignored (a prompt token) still passes gradient to later tokens through
+attention (padding positions carry none): counting only supervised tokens in S_a and S_g, as
+METHODS §3 literally reads, leaves the directions of prompt inputs out of S_a while G holds them,
+and the whitened gradient S_g^{-1/2} G S_a^{-1/2} blows up along them.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ def estimate_kfac(
         jobs = ["labels"]
     else:
         jobs = ["sampled"] * cfg.mc_samples + (["labels"] if want_dense_grad else [])
-    tokens = run_pass(
+    tokens, positions = run_pass(
         model,
         batches,
         recorder,
@@ -80,7 +86,7 @@ def estimate_kfac(
         description=description,
         progress=progress,
     )
-    a_factors = input_factors(input_sums.means(tokens), recorder, plan)
+    a_factors = input_factors(input_sums.means(positions), recorder, plan)
     draws = 1 if cfg.fisher == "empirical" else cfg.mc_samples
     g_moments = grad_sums.means(tokens * draws)
     for name in modules:

@@ -1,11 +1,16 @@
 """What a calibration batch means: model outputs, counted tokens, the summed loss, sampled labels.
 
-Token accounting (METHODS §3), for a batch of ``B`` sequences of length ``L``:
+Token accounting (METHODS §3), for a batch of ``B`` sequences of length ``L``. Two masks:
+``token_mask`` marks the supervised (counted) tokens whose losses are summed — T of them;
+``position_mask`` marks the positions whose layer inputs x_t and output gradients g_t enter the
+Kronecker factors — P of them. They differ only for causal LMs with masked prompts:
 
 - causal LM (``labels`` of shape (B, L), -100 = ignore): HF shifts labels inside the model, so
   the logits at position t predict ``labels[t+1]``. Position t is a counted token iff
   ``labels[t+1] != -100`` and ``attention_mask[t] == 1``; the last position never counts. The
-  loss is the SUM over counted tokens of the token's cross-entropy.
+  loss is the SUM over counted tokens of the token's cross-entropy. Every non-padding position
+  is a statistics position: a prompt position's output feeds later tokens through attention, so
+  it carries output gradient and an adapter acts on its input.
 - sequence classification (``labels`` of shape (B,)): every non-padding position is a counted
   token (for S_a and the token count T); the loss is the SUM over sequences of the per-sequence
   cross-entropy, whose output gradients at the counted positions enter S_g.
@@ -41,7 +46,11 @@ class Objective(ABC):
 
     @abstractmethod
     def token_mask(self, batch: dict[str, Tensor]) -> Tensor:
-        """Bool mask of counted tokens, shaped like a target layer's input without its last dim."""
+        """Bool mask of counted (supervised) tokens, shaped like a target layer's input without its last dim."""
+
+    def position_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """Bool mask of the positions whose x_t and g_t enter S_a and S_g (default: the counted tokens)."""
+        return self.token_mask(batch)
 
     @abstractmethod
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -65,6 +74,9 @@ class CausalLMObjective(Objective):
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = (labels[:, 1:] != IGNORE_INDEX) & attention[:, :-1].bool()
         return mask
+
+    def position_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        return batch.get("attention_mask", torch.ones_like(batch["labels"])).bool()
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         inputs = {key: value for key, value in batch.items() if key != "labels"}

@@ -9,7 +9,7 @@ here too, since they can follow any estimator that supplies factors.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,13 @@ from ctrlora.curvature.runtime import (
 from ctrlora.curvature.sketch import WhitenedGradientSketch, WhitenedProduct, orthonormal_basis
 
 JOBS = ("labels", "sampled")
+
+
+class TokenCounts(NamedTuple):
+    """Counts of one pass, summed over ranks: T supervised tokens, P statistics positions."""
+
+    tokens: int
+    positions: int
 
 
 class OuterProductSums:
@@ -69,21 +76,23 @@ def run_pass(
     seed: int,
     description: str,
     progress: bool,
-) -> int:
-    """Run every batch through the model (and the backward `jobs`); return T summed over ranks."""
+) -> TokenCounts:
+    """Run every batch through the model (and the backward `jobs`); the recorder sees the
+    objective's statistics positions. Returns T and P summed over ranks."""
     unknown = set(jobs) - set(JOBS)
     if unknown:
         raise ValueError(f"unknown backward jobs {sorted(unknown)}; valid: {list(JOBS)}")
     device = input_device(model)
     generator = None
-    tokens = 0
+    tokens = positions = 0
     with recorder, torch.set_grad_enabled(bool(jobs)):
         for batch in track(batches, description, progress):
             batch = batch_to_device(batch, device)
-            mask = objective.token_mask(batch)
+            mask = objective.position_mask(batch)
             with recorder.forward(mask):
                 outputs = objective.forward(model, batch)
-            tokens += int(mask.sum())
+            tokens += int(objective.token_mask(batch).sum())
+            positions += int(mask.sum())
             for index, job in enumerate(jobs):
                 targets = None
                 if job == "sampled":
@@ -97,10 +106,10 @@ def run_pass(
                     )
                 with recorder.backward(job):
                     loss.backward(retain_graph=index < len(jobs) - 1)
-    tokens = all_reduce_count(tokens, device)
+    tokens, positions = all_reduce_count(tokens, device), all_reduce_count(positions, device)
     if tokens == 0:
         raise ValueError("the calibration batches hold no counted tokens (every label is -100 or padding)")
-    return tokens
+    return TokenCounts(tokens, positions)
 
 
 def _whitened_products(
@@ -123,7 +132,7 @@ def _whitened_products(
         products[name].update(grad.reshape(-1, grad.shape[-1]), inputs.reshape(-1, inputs.shape[-1]))
 
     recorder = TargetRecorder(modules, on_output_grad=on_output_grad, stash_inputs=True)
-    tokens = run_pass(
+    tokens, _ = run_pass(
         model,
         batches,
         recorder,

@@ -17,8 +17,9 @@ from ctrlora.curvature.sketch import WhitenedGradientSketch
 class ModuleCurvature:
     """Curvature of one target ``y = W x`` (W: d_out x d_in), raw (undamped, unnormalised).
 
-    - ``a``: ``S_a = (1/T) Σ_t x_t x_tᵀ`` (activation, kfac) or the Hutchinson fit's column factor.
-    - ``g``: ``S_g = (1/T) Σ_t g_t g_tᵀ`` (kfac) or the Hutchinson fit's row factor.
+    - ``a``: ``S_a = (1/P) Σ_p x_p x_pᵀ`` over the P statistics positions (activation, kfac) or the
+      Hutchinson fit's column factor.
+    - ``g``: ``S_g = (1/T) Σ_p g_p g_pᵀ`` (kfac) or the Hutchinson fit's row factor.
     - ``diag``: the Hutchinson estimate of diag(H) (d_out x d_in, unclamped) for the mean token loss.
     - ``grad``: the dense gradient ``G`` of the mean token loss (d_out x d_in).
     - ``grad_sketch``: a randomized sketch of the whitened gradient ``S_g^{-1/2} G S_a^{-1/2}``.

@@ -6,10 +6,10 @@ whatever the gradient accumulation. With ``ctr.refresh_source: training`` it als
 `TrainingStatistics` from the training micro-batches of the ``ctr.refresh_batches`` optimizer
 steps before each refresh:
 
-    S_a = (1/T) Σ_t x_t x_tᵀ,   S_g = (1/T) Σ_t g_t g_tᵀ,   G = (1/T) Σ_t g_t x_tᵀ,
+    S_a = (1/P) Σ_p x_p x_pᵀ,   S_g = (1/T) Σ_p g_p g_pᵀ,   G = (1/T) Σ_p g_p x_pᵀ,
 
-over the counted tokens t of those batches (G over every position; the same token rules and
-per-token gradient scale as the ``kfac`` estimator): no extra forward or backward, only outer
+over the non-padding positions p (P of them, T counted tokens; counts and sums over all ranks) of
+those batches (the same token rules and per-token gradient scale as the ``kfac`` estimator): no extra forward or backward, only outer
 products of what the hooks see. The training loss is a mean over the batch's loss items D (HF's causal-LM loss divides by
 the supervised-token count; under DDP by the all-rank count over the world size) and Lightning
 divides it by the accumulation steps, so the hooked output gradient is multiplied by
@@ -39,7 +39,7 @@ from ctrlora.curvature.memory import plan_storage, target_shapes
 from ctrlora.curvature.objectives import objective_for
 from ctrlora.curvature.passes import OuterProductSums
 from ctrlora.curvature.result import CurvatureReport, CurvatureResult, ModuleCurvature
-from ctrlora.curvature.runtime import accumulation_dtype
+from ctrlora.curvature.runtime import accumulation_dtype, all_reduce_count, input_device
 
 if TYPE_CHECKING:
     from ctrlora.methods.ctr_lora import CtrLoraMethod
@@ -94,7 +94,7 @@ class TrainingStatistics:
 
     def clear(self) -> None:
         self.inputs, self.grads, self.cross = (OuterProductSums(self.dtype) for _ in range(3))
-        self.tokens = 0
+        self.tokens = self.positions = 0
         self.scale = 1.0
 
     def start_forward(self, batch: dict[str, Tensor], scale: float) -> None:
@@ -102,8 +102,10 @@ class TrainingStatistics:
         if not self.recording:
             self._hooks.enter_context(self.recorder)
             self.recording = True
-        mask = objective_for(batch).token_mask(batch)
-        self.tokens += int(mask.sum())
+        objective = objective_for(batch)
+        mask = objective.position_mask(batch)
+        self.tokens += int(objective.token_mask(batch).sum())
+        self.positions += int(mask.sum())
         self.scale = scale
         self._phase.close()
         self._phase.enter_context(self.recorder.forward(mask))
@@ -133,32 +135,34 @@ class TrainingStatistics:
     def result(self) -> CurvatureResult:
         """The factors of the window so far (raw, like an estimate), then cleared."""
         self.stop()
-        if self.tokens == 0:
+        device = input_device(self.model)
+        tokens, positions = all_reduce_count(self.tokens, device), all_reduce_count(self.positions, device)
+        if tokens == 0:
             raise RuntimeError("no training tokens were recorded before the curvature refresh")
         plan = plan_storage(target_shapes(self.model, self.names), self.cfg, want_grad=self.want_grad)
-        a_factors = input_factors(self.inputs.means(self.tokens), self.recorder, plan)
-        g_moments = self.grads.means(self.tokens)
-        gradients = self.cross.means(self.tokens) if self.want_grad else {}
+        a_factors = input_factors(self.inputs.means(positions), self.recorder, plan)
+        g_moments = self.grads.means(tokens)
+        gradients = self.cross.means(tokens) if self.want_grad else {}
         modules = {
             name: ModuleCurvature(
                 a=a_factors[name], g=stored_factor(g_moments[name], plan.module(name).g.rank),
-                grad=gradients.get(name), tokens=self.tokens,
+                grad=gradients.get(name), tokens=tokens,
             )
             for name in self.names
         }
-        report = CurvatureReport(kind="kfac", tokens=self.tokens, settings={"source": "training"})
+        report = CurvatureReport(kind="kfac", tokens=tokens, settings={"source": "training"})
         self.clear()
         return CurvatureResult(modules, report)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "inputs": self.inputs.sums, "grads": self.grads.sums, "cross": self.cross.sums,
-            "tokens": self.tokens, "input_alias": dict(self.recorder.input_alias),
+            "tokens": self.tokens, "positions": self.positions, "input_alias": dict(self.recorder.input_alias),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inputs.sums, self.grads.sums, self.cross.sums = state["inputs"], state["grads"], state["cross"]
-        self.tokens = state["tokens"]
+        self.tokens, self.positions = state["tokens"], state["positions"]
         self.recorder.input_alias = dict(state["input_alias"])
 
 

@@ -16,11 +16,12 @@ EXACT = 1e-10
 
 
 def causal_token_oracle(model, batches, targets):
-    """S_a, S_g, G and T by explicit loops over counted tokens; g_t from retain_grad on the layer outputs."""
+    """S_a, S_g, G, T and P by explicit loops: the loss over counted tokens, the factors over every
+    non-padding position (S_a / P, S_g / T); g_t from retain_grad on the layer outputs."""
     modules = dict(model.named_modules())
     weights = {name: modules[name].weight for name in targets}
     sums = {name: {"a": 0.0, "g": 0.0, "grad": 0.0} for name in targets}
-    tokens = 0
+    tokens = positions = 0
     for weight in weights.values():
         weight.requires_grad_(True)
     for batch in batches:
@@ -48,17 +49,20 @@ def causal_token_oracle(model, batches, targets):
         for handle in handles:
             handle.remove()
         tokens += len(counted)
+        present = [(b, t) for b in range(rows) for t in range(width) if batch["attention_mask"][b, t] == 1]
+        positions += len(present)
         for name in targets:
             x, y = captured[name]
-            for b, t in counted:
+            for b, t in present:
                 sums[name]["a"] = sums[name]["a"] + torch.outer(x[b, t], x[b, t])
                 sums[name]["g"] = sums[name]["g"] + torch.outer(y.grad[b, t], y.grad[b, t])
             sums[name]["grad"] = sums[name]["grad"] + weights[name].grad
             weights[name].grad = None
     for weight in weights.values():
         weight.requires_grad_(False)
+    counts = {"a": positions, "g": tokens, "grad": tokens}
     return {
-        name: {key: value / tokens for key, value in parts.items()} for name, parts in sums.items()
+        name: {key: value / counts[key] for key, value in parts.items()} for name, parts in sums.items()
     }, tokens
 
 
@@ -163,12 +167,6 @@ def test_peft_wrappers_are_estimated_at_the_adapted_weights(batches):
     assert trainable and all(p.requires_grad and p.grad is None for p in trainable)
 
 
-def counted_tokens(batch):
-    mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    mask[:, :-1] = (batch["labels"][:, 1:] != -100) & batch["attention_mask"][:, :-1].bool()
-    return mask
-
-
 def test_statistics_accumulate_in_fp32_for_bf16_activations(batches):
     model = tiny_llama(dtype=torch.bfloat16)
     target = "model.layers.1.mlp.down_proj"
@@ -184,14 +182,15 @@ def test_statistics_accumulate_in_fp32_for_bf16_activations(batches):
     ]
     assert result.a.dense().dtype == result.g.dense().dtype == torch.float32
 
-    def exact_moment(tensors):  # fp64 second moment of the very bf16 values the estimator saw
+    def exact_moment(tensors, count):  # fp64 sum over positions of the very bf16 values the estimator saw
         rows = torch.cat(
-            [t[counted_tokens(batch)] for t, batch in zip(tensors, batches, strict=True)]
+            [t[batch["attention_mask"].bool()] for t, batch in zip(tensors, batches, strict=True)]
         ).double()
-        return rows.T @ rows / len(rows)
+        return rows.T @ rows / count
 
-    assert_close(result.a.dense().double(), exact_moment(inputs), 1e-6)
-    assert_close(result.g.dense().double(), exact_moment(grads), 1e-6)
+    positions = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    assert_close(result.a.dense().double(), exact_moment(inputs, positions), 1e-6)
+    assert_close(result.g.dense().double(), exact_moment(grads, result.tokens), 1e-6)
 
 
 def test_sequence_classification_counts_non_padding_positions():
@@ -226,3 +225,24 @@ def test_progress_bar_runs_over_every_batch(model, batches):
     hidden = estimate_curvature(model, batches, target, CurvatureConfig(kind="activation"), progress=False)
     assert shown.report.tokens == hidden.report.tokens == 20
     assert_close(shown[target[0]].a.dense(), hidden[target[0]].a.dense(), EXACT)
+
+
+def pseudo_inverse_root(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    keep = values > 1e-10 * values.max()
+    roots = torch.where(keep, values.clamp_min(1e-300).rsqrt(), torch.zeros_like(values))
+    return vectors @ torch.diag(roots) @ vectors.T
+
+
+def test_whitened_gradient_is_bounded_by_the_position_to_token_ratio(model, batches):
+    """With S_a over the P positions and S_g, G over the same positions per counted token (T), Cauchy–Schwarz
+    gives σ₁(S_g^{-1/2} G S_a^{-1/2}) ≤ √(P/T). Factors counted only at supervised tokens (masked prompts
+    here) miss the prompt directions that G holds, and the whitened gradient is unbounded."""
+    targets = targets_of(model)
+    kfac = estimate_curvature(model, batches, targets, CurvatureConfig(kind="kfac"), want_grad=True, progress=False)
+    positions = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    assert positions > kfac.report.tokens  # the prompts are masked
+    bound = (positions / kfac.report.tokens) ** 0.5
+    for name in targets:
+        whitened = pseudo_inverse_root(kfac[name].g.dense()) @ kfac[name].grad @ pseudo_inverse_root(kfac[name].a.dense())
+        assert torch.linalg.matrix_norm(whitened, ord=2) <= bound * (1 + 1e-8), name
