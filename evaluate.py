@@ -4,6 +4,8 @@ Composes conf/evaluate.yaml (`python evaluate.py --help` lists the groups), then
 ctrlora.evaluation.cli.evaluate_saved: load backbone (+ adapter) -> lm-eval suite -> JSON.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,5 +23,18 @@ def main(cfg: DictConfig) -> None:
     evaluate_saved(OmegaConf.to_object(cfg))
 
 
+def quote_paths(argv: list[str]) -> list[str]:
+    """Quote the value of run_dir=/adapter=/output=: sweep dirs hold '=' and ',' (`seed=0,...`),
+    which Hydra's override grammar would otherwise parse."""
+    keys = ("run_dir=", "adapter=", "output=")
+    return [
+        f"{arg.split('=', 1)[0]}='{arg.split('=', 1)[1]}'"
+        if arg.startswith(keys) and "'" not in arg and '"' not in arg
+        else arg
+        for arg in argv
+    ]
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = quote_paths(sys.argv[1:])
     main()

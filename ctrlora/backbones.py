@@ -151,10 +151,14 @@ def compute_dtype(cfg: ModelConfig, accelerator: str) -> torch.dtype:
     return DTYPES[cfg.dtype]
 
 
-def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
-    """QLoRA's 4-bit NF4 with double quantisation; storage dtype = compute dtype so FSDP can shard it."""
+def quantization_config(dtype: torch.dtype, keep: list[str] | None = None) -> BitsAndBytesConfig:
+    """QLoRA's 4-bit NF4 with double quantisation; storage dtype = compute dtype so FSDP can shard it.
+
+    `keep`: modules left unquantised — the trained heads (`model.modules_to_save`), which PEFT copies
+    and trains in full precision."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
+        llm_int8_skip_modules=list(keep) if keep else None,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
@@ -184,7 +188,7 @@ def load_backbone(
     if cfg.trust_remote_code:
         kwargs["trust_remote_code"] = True
     if quantize_4bit:
-        kwargs["quantization_config"] = quantization_config(dtype)
+        kwargs["quantization_config"] = quantization_config(dtype, list(cfg.modules_to_save))
     if cfg.task == "sequence_classification":
         kwargs["num_labels"] = num_labels or cfg.num_labels
         auto_class = AutoModelForSequenceClassification

@@ -13,6 +13,12 @@ RNG and method state — never the frozen base weights (Lightning's default, a d
 checkpoint, writes every shard of the whole model). A resume loads it on every rank and scatters
 it back into the shards (`strict=False`, since the base weights are not in it).
 
+Calibration happens before sharding, on the full model on each rank's device: at assembly, or for a
+method that shards its calibration across ranks (CTR-LoRA) inside `fit`, in `setup` before
+`configure_model` (`run.AdapterSetup`). CTR-LoRA's trust-region penalty all-gathers the sharded
+adapters it needs (differentiably, `trust_region.full_weight`), and its refreshes run through the
+root module, whose hooks gather the weights outside the decoder layers.
+
 Evaluation runs on rank 0 alone, after the other ranks have finished, so under FSDP it evaluates
 the backbone plus the saved adapter (`evaluation_model`) instead of the sharded in-memory model.
 

@@ -42,6 +42,7 @@ class FinetuneModule(L.LightningModule):
         self.strict_loading = False  # checkpoints carry the trainable weights only
         self.model.train()  # from_pretrained leaves the backbone in eval mode (dropout off)
         self.resumed_from_step = 0
+        self.step_losses: list[Tensor] = []  # task losses of the optimizer step in progress, checked at it
 
     def configure_model(self) -> None:
         """Under `trainer=fsdp` (a device mesh exists): shard with FSDP2 (ctrlora.fsdp); else nothing."""
@@ -52,14 +53,31 @@ class FinetuneModule(L.LightningModule):
         check_fsdp_support(self.method)
         shard_model(self.model, self.device_mesh[DATA_PARALLEL], low_precision_dtype(self.trainer.precision))
 
-    def all_finite(self, *tensors: Tensor) -> bool:
-        """True when every value is finite on every rank (a collective, so all ranks stop together)."""
-        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]  # FSDP: this rank's shard
-        flags = [(~torch.isfinite(t)).any() for t in local]
-        bad = torch.stack(flags).sum().float() if flags else torch.zeros((), device=self.device)
+    def nonfinite_counts(self, losses: list[Tensor], grads: list[Tensor]) -> tuple[int, int]:
+        """(non-finite losses, gradients holding a non-finite entry), summed over ranks.
+
+        One device sync per call (and under data parallelism one collective, so all ranks stop
+        together). The gradients are screened by their total norm (a few fused kernels rather than
+        several per tensor); since a finite gradient's norm can overflow, a non-finite norm is
+        confirmed tensor by tensor — only then, so a healthy step never pays for it.
+        """
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # FSDP: this rank's shard
+        zero = torch.zeros((), device=self.device)
+        loss_flags = ~torch.isfinite(torch.stack([loss.float() for loss in losses])) if losses else zero
+        norm_flag = ~torch.isfinite(torch.nn.utils.get_total_norm(local)) if local else zero
+        bad_losses, bad_norm = self._sum_over_ranks(torch.stack([loss_flags.sum(), norm_flag.sum()]))
+        if not bad_norm:
+            return bad_losses, 0
+        tensor_flags = torch.stack([(~torch.isfinite(g)).any() for g in local])
+        (bad_grads,) = self._sum_over_ranks(tensor_flags.sum().reshape(1))
+        return bad_losses, bad_grads
+
+    def _sum_over_ranks(self, counts: Tensor) -> list[int]:
+        """A vector of counts summed over ranks, on the host (the device sync)."""
+        counts = counts.float()
         if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        return bool(bad == 0)  # one device sync
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        return [int(count) for count in counts.tolist()]
 
     def task_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """The model's loss. Under data parallelism a causal LM's token losses are summed and divided by
@@ -73,12 +91,10 @@ class FinetuneModule(L.LightningModule):
         return self.model(**batch, num_items_in_batch=all_tokens / self.trainer.world_size).loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Task loss + the method's extra term. The loss is checked for NaN/inf with the gradients in
+        `on_before_optimizer_step`, before any weight changes: one device sync per step, not two."""
         task_loss = self.task_loss(batch)
-        if not self.all_finite(task_loss.detach()):
-            raise NonFiniteLossError(
-                f"non-finite loss ({task_loss.item()} on rank {self.global_rank}) at step {self.global_step};"
-                " the last good checkpoint in run_dir/checkpoints is intact — lower optim.lr or check the data"
-            )
+        self.step_losses.append(task_loss.detach())
         self.log("train/loss", task_loss, prog_bar=True, sync_dist=True)
         extra = self.method.extra_loss(self.model, self.global_step)
         for name, value in self.method.step_metrics().items():
@@ -99,9 +115,18 @@ class FinetuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """A non-finite gradient stops the run before the step can write NaN/inf into the weights."""
+        """A non-finite loss (of any micro-batch of this step) or gradient stops the run before the step
+        can write NaN/inf into the weights, naming the step."""
+        losses, self.step_losses = self.step_losses, []
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not self.all_finite(*grads):
+        bad_losses, bad_grads = self.nonfinite_counts(losses, grads)
+        if bad_losses:
+            values = ", ".join(str(float(loss)) for loss in losses)
+            raise NonFiniteLossError(
+                f"non-finite loss ({values} on rank {self.global_rank}) at step {self.global_step};"
+                " the last good checkpoint in run_dir/checkpoints is intact — lower optim.lr or check the data"
+            )
+        if bad_grads:
             raise NonFiniteLossError(
                 f"non-finite gradient at step {self.global_step}; the weights were not updated and the last"
                 " good checkpoint in run_dir/checkpoints is intact — lower optim.lr or check the data"
@@ -142,14 +167,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
 class RunStats(L.Callback):
     """Per optimizer step: wall time, tokens and loss; at the end, peak memory.
 
-    Step time is the sum of its micro-batches' times (data loading excluded). Peak memory is CUDA's
-    max allocated on GPU, the process's peak RSS on CPU.
+    Step time is the sum of its micro-batches' times (data loading excluded). Tokens are the
+    non-padding tokens of every rank's micro-batches, summed across ranks once per optimizer step
+    (so ``tokens_per_s`` is the global throughput). Peak memory is CUDA's max allocated on GPU, the
+    process's peak RSS on CPU.
     """
 
     def __init__(self) -> None:
         self.step_times: list[float] = []
         self.losses: list[float] = []
         self.tokens = 0
+        self._step_tokens = 0  # this rank's tokens of the optimizer step in progress
         self._elapsed = 0.0
         self._start = 0.0
         self._seen_step = 0
@@ -168,7 +196,7 @@ class RunStats(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any) -> None:
         self._start = time.perf_counter()
-        self.tokens += int(batch["attention_mask"].sum())
+        self._step_tokens += int(batch["attention_mask"].sum())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *_: Any) -> None:
         self._elapsed += time.perf_counter() - self._start
@@ -176,6 +204,12 @@ class RunStats(L.Callback):
             self._seen_step = trainer.global_step
             self.step_times.append(self._elapsed)
             self._elapsed = 0.0
+            step_tokens = self._step_tokens
+            if trainer.world_size > 1:  # every rank's tokens of this step
+                local = torch.tensor(step_tokens, device=pl_module.device)
+                step_tokens = int(trainer.strategy.reduce(local, reduce_op="sum"))
+            self.tokens += step_tokens
+            self._step_tokens = 0
             loss = trainer.callback_metrics.get("train/loss")
             if loss is not None:
                 self.losses.append(float(loss))

@@ -23,7 +23,12 @@ from ctrlora.evaluation.sections import task_rows
 from ctrlora.lit import RunStats
 from ctrlora.methods.base import Method, trainable_parameter_count
 
-RUN_LOCAL_KEYS = ("run_dir", "resume", "overwrite")  # do not change what a run computes
+# keys that say where a run writes, logs or caches, and how it reports progress, not what it computes
+NON_SEMANTIC_KEYS = (
+    "run_dir", "resume", "overwrite", "logger", "trainer.progress_bar", "trainer.log_every_n_steps",
+    "trainer.checkpoint_every_n_steps", "data.num_workers", "curvature.cache_dir", "eval.cache_dir",
+    "eval.data_dir",
+)
 PACKAGES = ("torch", "transformers", "peft", "lightning", "lm_eval", "ctrlora")
 
 
@@ -32,10 +37,15 @@ def run_name(cfg: TrainConfig) -> str:
 
 
 def config_hash(cfg: TrainConfig) -> str:
-    """sha256 of the resolved config without the keys that only say where/how to write."""
+    """The experiment's identity: sha256 of the resolved config without `NON_SEMANTIC_KEYS` (dotted
+    paths), so the same experiment logged elsewhere, checkpointed more often or resumed hashes the same."""
     container = asdict(cfg)
-    for key in RUN_LOCAL_KEYS:
-        container.pop(key, None)
+    for key in NON_SEMANTIC_KEYS:
+        *parents, leaf = key.split(".")
+        section = container
+        for parent in parents:
+            section = section[parent]
+        section.pop(leaf)
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -179,7 +189,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "",
         "| item | value |",
         "|---|---|",
-        f"| budget rank r̄ | {budget['rank']} |",
+        f"| budget rank r̄ | {budget['rank'] if budget['rank'] is not None else '– (no adapter)'} |",
         f"| trainable / target params | {budget['trainable_params']:,} / {budget['target_params']:,} |",
         f"| steps | {train['steps']} |",
         f"| final loss | {train['final_loss']:.4f} |" if train["final_loss"] is not None else "| final loss | – |",

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.strategies import Strategy
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctrlora import report
 from ctrlora.backbones import load_backbone, load_tokenizer
@@ -64,6 +66,66 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     return run_dir, finished
 
 
+class AdapterSetup(L.Callback):
+    """Builds the method's model (calibration, allocation, adapters) on the training device.
+
+    Usually at assembly, so the PEFT model exists before `fit` (under data parallelism every rank then
+    calibrates on the whole set, before any process group: identical results, W times the work). A
+    method whose calibration only sums statistics (``shards_calibration``) is instead built inside
+    `fit` under data parallelism, in `setup`: Lightning starts ranks 1.. only when rank 0 enters
+    `fit` (SLURM's tasks first meet there too), and `setup` comes after the process group and before
+    DDP wraps the model, FSDP2 shards it (`configure_model`) and a checkpoint is restored. Each rank
+    estimates on its shard of the calibration set and the estimators all-reduce the sums, so every
+    rank gets the whole set's factors for 1/W of the work. The ranks then check they allocated the
+    same adapters and start from rank 0's values (as DDP's wrap does), so FSDP's shards come from
+    one model.
+    """
+
+    def __init__(self, method: Method, datamodule: FinetuneDataModule, seed: int) -> None:
+        self.method, self.datamodule, self.seed = method, datamodule, seed
+        self.prepared = False
+
+    def prepare(
+        self, backbone: PreTrainedModel, trainer: L.Trainer, world_size: int = 1, rank: int = 0
+    ) -> nn.Module:
+        """`method.prepare` on the training device with calibration shard `rank` of `world_size`, from the
+        run's seed whatever ran before (so one process and every rank draw the same initial adapters)."""
+        L.seed_everything(self.seed, workers=True, verbose=False)
+        calibration = None
+        if self.method.needs_calibration:
+            calibration = self.datamodule.calibration_dataloader(world_size, rank)
+        self.prepared = True
+        return self.method.prepare(backbone.to(trainer.strategy.root_device), calibration)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.prepared:
+            return
+        model = self.prepare(pl_module.model, trainer, trainer.world_size, trainer.global_rank)
+        model.train()
+        pl_module.model = model
+        adopt_rank_zero_adapters(model, trainer.strategy)
+
+
+def adopt_rank_zero_adapters(model: nn.Module, strategy: Strategy) -> None:
+    """Fail on every rank unless all ranks hold the same trainable shapes (the allocation); then
+    broadcast rank 0's trainable values. A collective every rank must enter."""
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    shapes = {name: tuple(param.shape) for name, param in trainable.items()}
+    reference = strategy.broadcast(shapes, src=0)
+    names = shapes.keys() | reference.keys()
+    differing = sorted(name for name in names if shapes.get(name) != reference.get(name))
+    flag = torch.tensor(float(bool(differing)), device=strategy.root_device)
+    disagreeing = int(strategy.reduce(flag, reduce_op="sum"))
+    if disagreeing:
+        raise RuntimeError(
+            f"the ranks built different adapters: {disagreeing} rank(s) differ from rank 0 (rank"
+            f" {strategy.global_rank}: {differing[:5]}); the curvature statistics must agree on every rank"
+        )
+    with torch.no_grad():
+        for param in trainable.values():
+            torch.distributed.broadcast(param.data, src=0)
+
+
 @dataclass
 class RunParts:
     """Everything one run trains with, assembled but not yet fitted."""
@@ -71,14 +133,19 @@ class RunParts:
     tokenizer: PreTrainedTokenizerBase
     datamodule: FinetuneDataModule
     method: Method
-    model: PeftModel
     module: FinetuneModule
     stats: RunStats
     trainer: L.Trainer
 
+    @property
+    def model(self) -> nn.Module:
+        """The method's (PEFT) model; the backbone until `fit` begins where `AdapterSetup` builds it there."""
+        return self.module.model
+
 
 def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
-    """Seed, then build tokenizer, data, backbone, method (ranks, adapters) and the Trainer."""
+    """Seed, then build tokenizer, data, backbone, method and the Trainer; then the method's ranks and
+    adapters (for a method that shards its calibration across ranks, `fit` builds them: `AdapterSetup`)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(cfg.model)
     datamodule = FinetuneDataModule(
@@ -92,18 +159,20 @@ def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
     )
     total_steps = cfg.trainer.max_steps
     method = build_method(cfg, total_steps=total_steps, run_dir=run_dir)
-    calibration = datamodule.calibration_dataloader() if method.needs_calibration else None
-    model = method.prepare(backbone, calibration)
-    module = FinetuneModule(model, method, cfg.optim, total_steps)
-    stats = RunStats()
+    adapters, stats = AdapterSetup(method, datamodule, cfg.seed), RunStats()
     loggers = build_loggers(cfg.logger, run_dir, report.run_name(cfg), asdict(cfg))
-    trainer = build_trainer(cfg.trainer, loggers, [stats, *method.callbacks()], run_dir)
-    return RunParts(tokenizer, datamodule, method, model, module, stats, trainer)
+    trainer = build_trainer(cfg.trainer, loggers, [adapters, stats, *method.callbacks()], run_dir)
+    in_fit = trainer.world_size > 1 and method.shards_calibration
+    model = backbone if in_fit else adapters.prepare(backbone, trainer)
+    module = FinetuneModule(model, method, cfg.optim, total_steps)
+    return RunParts(tokenizer, datamodule, method, module, stats, trainer)
 
 
 def evaluate_run(cfg: TrainConfig, run: RunParts) -> dict[str, Any]:
     """The `eval` section: the suite through lm-eval on the in-memory model (its base row cached),
-    or accuracy / macro-F1 / MCC on the test split for a sequence classifier."""
+    or accuracy / macro-F1 / MCC on the test split for a sequence classifier; ``{}`` for eval=none."""
+    if cfg.eval.suite == "none":
+        return {}
     num_labels = len(run.datamodule.label_names) if cfg.model.task == "sequence_classification" else None
     model = evaluation_model(  # under FSDP: the backbone + the saved adapter (the sharded model needs all ranks)
         run.model, Path(cfg.run_dir) / "adapter",
@@ -111,7 +180,7 @@ def evaluate_run(cfg: TrainConfig, run: RunParts) -> dict[str, Any]:
                               quantize_4bit=cfg.method.quantize_4bit, num_labels=num_labels),
     )
     if cfg.model.task == "sequence_classification":
-        return classifier_eval_section(model, run.datamodule, cfg.eval.batch_size)
+        return classifier_eval_section(model, run.datamodule, cfg.eval.batch_size, cfg.eval.limit)
     return evaluate_model(
         model, run.tokenizer, cfg.eval,
         base_model_key=backbone_key(cfg.model, accelerator=cfg.trainer.accelerator,
@@ -153,4 +222,5 @@ def train(composed: DictConfig) -> dict[str, Any]:
     results["eval"] = evaluate_run(cfg, run)
     report.write_outputs(run_dir, results)
     log_run_summary(run.trainer.loggers, run_dir, results)  # logger=wandb: tables, images, summary
+    log.info("finished: %s (summary.md, results.json, adapter/)", run_dir)
     return results

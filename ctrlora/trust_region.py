@@ -8,6 +8,11 @@ PEFT layout: a LoRA-wrapped ``nn.Linear`` (``W ∈ R^{m×n}``, m = out_features,
 holds ``lora_A[adapter].weight`` of shape ``(r, n)`` = A and ``lora_B[adapter].weight`` of shape
 ``(m, r)`` = B, and adds ``scaling[adapter] · B A x``; so the tensors go in as they are stored,
 no transposes. ``peft_lora_weights`` collects them from a ``PeftModel``.
+
+Under FSDP2 (`trainer=fsdp`) the adapter weights are ``DTensor`` shards; the penalty all-gathers
+them (``full_tensor``, differentiable) and computes the same value on every rank. Its gradient,
+identical on every rank, flows back to each rank's shard, so it adds to FSDP's rank-averaged
+task gradient exactly as in one process (as under DDP, where the averaging leaves it unchanged).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -41,13 +47,21 @@ def kronecker_penalty(
     (n×r), costing two factor-times-block products plus O((m+n) r²) — never an m×n matrix. The
     trace of a product of two matrices is the sum of the elementwise product of one with the
     other's transpose. Differentiable in A and B. Computed in at least fp32 (bf16/fp16 adapters
-    are upcast); the factors must accept that dtype and live on the adapters' device.
+    are upcast); the factors must accept that dtype and live on the adapters' device. Sharded
+    (FSDP2) weights are gathered first (`full_weight`), a collective every rank must enter.
     """
+    B, A = full_weight(B), full_weight(A)
     dtype = torch.promote_types(B.dtype, torch.float32)
     B, A = B.to(dtype), A.to(dtype)
     gram_g = B.T @ s_g.apply(B).to(dtype)  # Bᵀ S_g B, r×r
     gram_a = A @ s_a.apply(A.T).to(dtype)  # A S_a Aᵀ, r×r
     return scaling**2 * (gram_g * gram_a.T).sum()
+
+
+def full_weight(weight: Tensor) -> Tensor:
+    """The whole matrix of a weight: an FSDP2 ``DTensor`` shard all-gathered (differentiably: the
+    gradient of the gathered matrix goes back to this rank's shard), any other tensor as it is."""
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
 @dataclass(frozen=True)

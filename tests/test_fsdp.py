@@ -3,11 +3,13 @@
 The FSDP run is SIGKILLed on both ranks after step 6 (the checkpoint of step 4 exists) and resumed;
 it must then match one process with the same global batch, save one stock PEFT adapter (gathered
 from the shards) that plain PEFT loads, and leave checkpoints that hold the adapter and its
-optimizer state only — never the frozen base weights.
+optimizer state only — never the frozen base weights. CTR-LoRA (trust region, refresh, unequal
+ranks) runs once, unkilled, against one process.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +21,9 @@ from kill_points import arm_every_process
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_distributed import run_train
+from test_distributed import outputs, run_train
 from test_run import PLAIN_PEFT
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ctrlora.backbones import load_backbone, load_tokenizer, resolve_source
 from ctrlora.checkpoints import latest_checkpoint
@@ -69,6 +71,61 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+def tiny_llama_base() -> PreTrainedModel:
+    source = resolve_source(ModelConfig(builder="tiny_llama"))
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+
+
+def adapter_config(run_dir: Path) -> dict:
+    """The saved adapter_config.json, `target_modules` sorted (PEFT writes a set in hash order)."""
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    return {**config, "target_modules": sorted(config["target_modules"])}
+
+
+def assert_trains_like_one_process(single_dir: Path, fsdp_dir: Path, steps: int) -> dict[str, torch.Tensor]:
+    """The loss curve (rel. 1e-5) and the adapter (full tensors gathered from the shards, same config) of one
+    process with the same global batch, in one run dir with the same outputs; returns the FSDP adapter."""
+    steps_single, losses_single = logged_losses(single_dir)
+    steps_fsdp, losses_fsdp = logged_losses(fsdp_dir)
+    assert steps_fsdp == steps_single == list(range(1, steps + 1))
+    assert losses_fsdp == pytest.approx(losses_single, rel=1e-5)
+    expected = load_file(single_dir / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(fsdp_dir / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys()
+    for key in expected:
+        assert adapter[key].shape == expected[key].shape
+        assert torch.allclose(adapter[key], expected[key], atol=1e-6), key
+    assert adapter_config(fsdp_dir) == adapter_config(single_dir)
+    assert outputs(fsdp_dir) == outputs(single_dir)
+    return adapter
+
+
+def assert_plain_peft_computes_the_trained_logits(
+    adapter_dir: Path, trained_dir: Path, tmp_path: Path
+) -> None:
+    """Plain PEFT (no ctrlora import) loads `adapter_dir` and computes the logits of the backbone with the
+    one-process adapter of `trained_dir` (not the backbone's own)."""
+    batch = calibration_batch(compose_config([f"run_dir={tmp_path}", *COMMON]))
+    torch.save(batch, tmp_path / "batch.pt")
+    (tmp_path / "plain_peft.py").write_text(PLAIN_PEFT)
+    subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "plain_peft.py"),
+            str(adapter_dir),
+            str(tmp_path / "batch.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
+    plain = torch.load(tmp_path / "logits.pt")
+    trained = PeftModel.from_pretrained(tiny_llama_base(), trained_dir).eval()
+    assert torch.allclose(plain, logits(trained, batch), atol=1e-5)
+    with trained.disable_adapter():
+        assert not torch.allclose(plain, logits(trained, batch), atol=1e-3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora"])
 def test_fsdp_killed_and_resumed_matches_one_process_and_exports_the_adapter(
@@ -87,47 +144,8 @@ def test_fsdp_killed_and_resumed_matches_one_process_and_exports_the_adapter(
     # the same training as one process with the same global batch, across the kill
     assert fsdp["meta"]["world_size"] == 2 and fsdp["train"]["steps"] == 8
     assert fsdp["train"]["final_loss"] == pytest.approx(single["train"]["final_loss"], rel=1e-5)
-    steps_single, losses_single = logged_losses(single_dir)
-    steps_fsdp, losses_fsdp = logged_losses(fsdp_dir)
-    assert steps_fsdp == steps_single == list(range(1, 9))
-    assert losses_fsdp == pytest.approx(losses_single, rel=1e-5)
-    expected = load_file(single_dir / "adapter" / "adapter_model.safetensors")
-    adapter = load_file(fsdp_dir / "adapter" / "adapter_model.safetensors")
-    assert adapter.keys() == expected.keys()
-    for key in expected:  # full tensors, gathered from the shards
-        assert adapter[key].shape == expected[key].shape and torch.allclose(
-            adapter[key], expected[key], atol=1e-6
-        )
-    # one run dir, with the same outputs as one process (Hydra's bookkeeping and per-process logs aside)
-    def outputs(run_dir: Path) -> list[str]:
-        return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.suffix != ".log")
-
-    assert outputs(fsdp_dir) == outputs(single_dir)
-
-    # plain PEFT (no ctrlora import) loads the FSDP adapter and computes the trained model's logits
-    batch = calibration_batch(compose_config([f"run_dir={tmp_path}", *COMMON]))
-    torch.save(batch, tmp_path / "batch.pt")
-    (tmp_path / "plain_peft.py").write_text(PLAIN_PEFT)
-    subprocess.run(
-        [
-            sys.executable,
-            str(tmp_path / "plain_peft.py"),
-            str(fsdp_dir / "adapter"),
-            str(tmp_path / "batch.pt"),
-            str(tmp_path / "logits.pt"),
-        ],
-        check=True,
-        cwd=tmp_path,
-    )
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_source(ModelConfig(builder="tiny_llama")), dtype=torch.float32
-    )
-    base_bytes = tensor_bytes(dict(base.named_parameters()))
-    trained = PeftModel.from_pretrained(base, single_dir / "adapter").eval()
-    plain = torch.load(tmp_path / "logits.pt")
-    assert torch.allclose(plain, logits(trained, batch), atol=1e-5)
-    with trained.disable_adapter():
-        assert not torch.allclose(plain, logits(trained, batch), atol=1e-3)
+    adapter = assert_trains_like_one_process(single_dir, fsdp_dir, steps=8)
+    assert_plain_peft_computes_the_trained_logits(fsdp_dir / "adapter", single_dir / "adapter", tmp_path)
 
     # the checkpoint: adapter + its two Adam moments (+ a little state), no base weights
     checkpoint_path = fsdp_dir / "checkpoints" / "step000008.ckpt"
@@ -144,7 +162,28 @@ def test_fsdp_killed_and_resumed_matches_one_process_and_exports_the_adapter(
         if name != "step"
     }
     assert tensor_bytes(moments) == 2 * adapter_bytes
+    base_bytes = tensor_bytes(dict(tiny_llama_base().named_parameters()))
     assert checkpoint_path.stat().st_size <= 3 * adapter_bytes + 96 * 1024 < base_bytes
+
+
+@pytest.mark.slow
+def test_ctrlora_under_fsdp_matches_one_process_and_exports_its_unequal_ranks(tmp_path: Path) -> None:
+    """The trust-region penalty on sharded adapters (gathered for it), a calibration refresh through the
+    sharded model, calibration split across the ranks, and adapters of unequal ranks (some of rank 1:
+    one rank's shard is empty) gathered into one stock PEFT adapter."""
+    single_dir, fsdp_dir = tmp_path / "single", tmp_path / "fsdp"
+    overrides = [
+        "method=ctrlora", *COMMON, "trainer.max_steps=4", "method.ctr.refresh_every=2",
+        "calibration.num_samples=16",
+    ]
+    single = train(compose_config([f"run_dir={single_dir}", "data.batch_size=8", *overrides]))
+    fsdp = run_train(fsdp_dir, "data.batch_size=4", *FSDP, *overrides)
+    assert fsdp["meta"]["world_size"] == 2
+    assert fsdp["allocation"]["ranks"] == single["allocation"]["ranks"]
+    assert min(single["allocation"]["ranks"].values()) == 1 < max(single["allocation"]["ranks"].values())
+    assert [refresh["step"] for refresh in fsdp["train"]["curvature"]["refreshes"]] == [2]
+    assert_trains_like_one_process(single_dir, fsdp_dir, steps=4)
+    assert_plain_peft_computes_the_trained_logits(fsdp_dir / "adapter", single_dir / "adapter", tmp_path)
 
 
 @pytest.mark.slow
@@ -158,15 +197,7 @@ def test_qlora_under_fsdp_matches_one_process(tmp_path: Path) -> None:
     overrides = ["method=qlora", *COMMON, "trainer.max_steps=4"]
     train(compose_config([f"run_dir={tmp_path / 'single'}", "data.batch_size=8", *overrides]))
     run_train(tmp_path / "fsdp", "data.batch_size=4", *FSDP, *overrides)
-    (steps_fsdp, losses_fsdp), (steps_single, losses_single) = (
-        logged_losses(tmp_path / name) for name in ("fsdp", "single")
-    )
-    assert steps_fsdp == steps_single == [1, 2, 3, 4]
-    assert losses_fsdp == pytest.approx(losses_single, rel=1e-5)
-    expected = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
-    adapter = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
-    assert adapter.keys() == expected.keys()
-    assert all(torch.allclose(adapter[key], expected[key], atol=1e-6) for key in expected)
+    assert_trains_like_one_process(tmp_path / "single", tmp_path / "fsdp", steps=4)
 
 
 @pytest.mark.parametrize(

@@ -73,18 +73,22 @@ KILL_SEQUENCES = {
     "lora": [lambda: kill_after_step(2), lambda: kill_while_writing_checkpoint(8), kill_before_results],
     # killed mid-schedule, between AdaLoRA's rank updates
     "adalora": [lambda: kill_after_step(6)],
+    # killed after the refresh of step 6; the checkpoint of step 4 refers to the factors of step 3
+    "ctrlora": [lambda: kill_after_step(6)],
 }
+METHOD_STEPS = {"ctrlora": ["method.ctr.refresh_every=3"]}  # refreshes at steps 3 and 6
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "ctrlora"])
 def test_killed_run_resumes_to_the_uninterrupted_result(
     tmp_path: Path, method: str, single_thread: None
 ) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
-    expected = train(compose_config([f"run_dir={full}", f"method={method}", *STEPS]))
+    steps = [*STEPS, *METHOD_STEPS.get(method, [])]
+    expected = train(compose_config([f"run_dir={full}", f"method={method}", *steps]))
 
-    overrides = [f"run_dir={killed}", f"method={method}", *STEPS]
+    overrides = [f"run_dir={killed}", f"method={method}", *steps]
     for attempt, arm in enumerate(KILL_SEQUENCES[method]):
         killed_attempt(overrides + (["resume=true"] if attempt else []), arm)
         assert not (killed / "results.json").exists()
@@ -108,3 +112,5 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
     assert report.logged_losses(killed) == report.logged_losses(full)
     for key in ("steps", "tokens", "final_loss"):
         assert resumed["train"][key] == expected["train"][key], key
+    if method == "ctrlora":  # the refreshes of steps 3 and 6, each recorded once across the kill
+        assert [refresh["step"] for refresh in resumed["train"]["curvature"]["refreshes"]] == [3, 6]

@@ -61,7 +61,7 @@ def test_multirun_writes_one_run_dir_per_run(tmp_path: Path, launcher: str) -> N
         assert OmegaConf.load(run / "config.yaml").run_dir == str(run)
         assert (run / ".hydra" / "overrides.yaml").exists()
     # <sweep>/<model>/<method>/<data>/<overrides>: runs of different methods never share a dir
-    assert {run.relative_to(sweep_dir).parts[:3] for run in runs} == {("tiny-llama", "lora", "fortune_topics")}
+    assert {run.relative_to(sweep_dir).parts[:3] for run in runs} == {("tiny-llama", "ctrlora", "fortune_topics")}
     bookkeeping = {"multirun.yaml", ".submitit"}
     assert {path.name for path in sweep_dir.iterdir()} - bookkeeping == {"tiny-llama"}
 

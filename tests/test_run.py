@@ -28,9 +28,13 @@ def test_default_run_writes_every_output(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results, default=str))
 
     run, meta, train_section = results["run"], results["meta"], results["train"]
-    assert (run["method"], run["model"], run["data"]) == ("lora", "tiny-llama", "fortune_topics")
-    # uniform LoRA at r̄ = 8 spends exactly the target: 8 · Σ(n + m) = 8 · 2048
-    assert run["budget"]["target_params"] == run["budget"]["trainable_params"] == 8 * 2048
+    assert (run["method"], run["model"], run["data"]) == ("ctrlora", "tiny-llama", "fortune_topics")
+    # the budget of uniform LoRA at r̄ = 8, 8 · Σ(n + m) = 8 · 2048, allocated unequally and never exceeded
+    assert run["budget"]["target_params"] == 8 * 2048
+    assert 0 < run["budget"]["trainable_params"] <= run["budget"]["allowed_params"]
+    assert len(set(results["allocation"]["ranks"].values())) > 1
+    for name in ("allocation.json", "rank_heatmap.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
     assert meta["versions"]["peft"] and meta["world_size"] == 1 and meta["precision"] == "32-true"
     assert train_section["steps"] == 20 and train_section["tokens"] > 0
     assert train_section["step_time_s"]["median"] > 0 and train_section["peak_memory_bytes"] > 0

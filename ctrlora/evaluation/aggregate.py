@@ -20,7 +20,8 @@ from typing import Any
 
 from ctrlora.evaluation.sections import task_rows
 
-METHOD_ORDER = (
+METHOD_ORDER = (  # the reference rows bracket the adapters: frozen encoder first, full fine-tuning last
+    "head_only",
     "lora",
     "qlora",
     "dora",
@@ -30,6 +31,7 @@ METHOD_ORDER = (
     "sensitivity_lora",
     "cg_lora",
     "ctrlora",
+    "full_ft",
 )
 BASE_LABEL = "base"
 Column = tuple[str, str]  # (task, metric)
@@ -96,7 +98,10 @@ def load_run(path: Path) -> RunRecord | None:
         return None
     run = results["run"]
     budget = run.get("budget") or {}
-    label = f"ratio={budget['ratio']:g}" if budget.get("ratio") is not None else f"r={budget.get('rank')}"
+    if budget.get("ratio") is not None:
+        label = f"ratio={budget['ratio']:g}"
+    else:  # reference rows (head_only, full_ft) have no rank budget
+        label = f"r={budget['rank']}" if budget.get("rank") is not None else "–"
     return RunRecord(
         path=path,
         model=run["model"],

@@ -70,14 +70,20 @@ def classification_metrics(
     }
 
 
-def classification_test_loader(datamodule: FinetuneDataModule, batch_size: int) -> DataLoader:
-    """The data set's test split, tokenised like training, with class ids in the training label order."""
+def classification_test_loader(
+    datamodule: FinetuneDataModule, batch_size: int, limit: float | None = None
+) -> DataLoader:
+    """The data set's test split, tokenised like training, with class ids in the training label order.
+
+    `limit` (``eval.limit``): the first `limit` examples, or that fraction of them when below 1."""
     cfg = datamodule.cfg
     rows = datamodule.test_rows()
     if not rows:
         raise DataError(
             f"data.test is empty or null for data set {cfg.name!r}; classification needs a test split"
         )
+    if limit is not None:
+        rows = rows[: int(limit) if limit >= 1 else math.ceil(limit * len(rows))]
     label_to_id = {name: index for index, name in enumerate(datamodule.label_names or [])}
     examples = [classification_row(row, f"{cfg.test} row {index + 1}", cfg) for index, row in enumerate(rows)]
     tokenized = tokenize_classification(
@@ -91,10 +97,10 @@ def classification_test_loader(datamodule: FinetuneDataModule, batch_size: int) 
 
 
 def classifier_eval_section(
-    model: nn.Module, datamodule: FinetuneDataModule, batch_size: int
+    model: nn.Module, datamodule: FinetuneDataModule, batch_size: int, limit: float | None = None
 ) -> dict[str, Any]:
     """results.json's ``eval`` section for an encoder run: ``{<data set>: metrics, "versions": {...}}``."""
-    loader = classification_test_loader(datamodule, batch_size)
+    loader = classification_test_loader(datamodule, batch_size, limit)
     metrics = classification_metrics(model, loader, num_classes=len(datamodule.label_names or []))
     versions = {"torchmetrics": version("torchmetrics"), "samples": {datamodule.cfg.name: len(loader.dataset)}}
     return {datamodule.cfg.name: metrics, "versions": versions}

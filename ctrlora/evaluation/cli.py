@@ -22,6 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
 
 from ctrlora import report
 from ctrlora.backbones import load_backbone, load_tokenizer
@@ -93,8 +94,8 @@ def evaluate_run_dir(run_dir: Path, cfg: EvaluateConfig) -> dict[str, Any]:
     quantized = run.method.quantize_4bit
     tokenizer = load_tokenizer(run.model)
     if run.model.task == "sequence_classification":
-        batch_size = (run.eval if cfg.eval == EvalConfig() else cfg.eval).batch_size
-        section = evaluate_encoder_run(run, tokenizer, adapter_dir, batch_size, accelerator)
+        suite = run.eval if cfg.eval == EvalConfig() else cfg.eval
+        section = evaluate_encoder_run(run, tokenizer, adapter_dir, suite, accelerator)
     else:
         suite = run_suite_config(run.eval, cfg.eval)
 
@@ -119,9 +120,9 @@ def evaluate_run_dir(run_dir: Path, cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def evaluate_encoder_run(
-    run: TrainConfig, tokenizer: Any, adapter_dir: Path, batch_size: int, accelerator: str
+    run: TrainConfig, tokenizer: Any, adapter_dir: Path, suite: EvalConfig, accelerator: str
 ) -> dict[str, Any]:
-    """Encoder runs: accuracy, macro-F1 and MCC on the run's test split."""
+    """Encoder runs: accuracy, macro-F1 and MCC on the run's test split (``suite``'s batch size and limit)."""
     from ctrlora.data.datamodule import FinetuneDataModule
     from ctrlora.evaluation.classification import classifier_eval_section
 
@@ -129,9 +130,12 @@ def evaluate_encoder_run(
         run.data, tokenizer, task=run.model.task, seed=run.seed, base_dir=Path.cwd()
     )
     datamodule.setup("test")
-    backbone = load_backbone(run.model, accelerator=accelerator, num_labels=len(datamodule.label_names or []))
-    model = PeftModel.from_pretrained(on_device(backbone, accelerator), adapter_dir)
-    return classifier_eval_section(model, datamodule, batch_size)
+    if (adapter_dir / "adapter_config.json").exists():
+        backbone = load_backbone(run.model, accelerator=accelerator, num_labels=len(datamodule.label_names or []))
+        model = PeftModel.from_pretrained(on_device(backbone, accelerator), adapter_dir)
+    else:  # method=head_only / full_ft save the whole fine-tuned model
+        model = on_device(AutoModelForSequenceClassification.from_pretrained(adapter_dir), accelerator)
+    return classifier_eval_section(model, datamodule, suite.batch_size, suite.limit)
 
 
 def run_suite_config(run_eval: EvalConfig, requested: EvalConfig) -> EvalConfig:

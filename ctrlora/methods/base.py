@@ -30,6 +30,7 @@ class Method(Protocol):
 
     name: str
     needs_calibration: bool
+    shards_calibration: bool  # under data parallelism each rank calibrates on its shard (summed estimates)
 
     def prepare(self, model: PreTrainedModel, calibration: DataLoader | None) -> PeftModel: ...
 
@@ -168,6 +169,7 @@ class MethodBase:
 
     name: str = "base"
     needs_calibration: bool = False
+    shards_calibration: bool = False
 
     def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
         self.cfg = cfg

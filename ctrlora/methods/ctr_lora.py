@@ -20,6 +20,12 @@ Every ablation of METHODS §6.4 is a key: ``ctr.trust_region=false`` (λ = 0),
 ``ctr.allocation=uniform``, both (plain LoRA through this code path, no calibration pass),
 ``curvature=hutchinson``, ``ctr.lambda0``/``ctr.lambda_schedule``, ``ctr.compose=loraplus|dora|pissa``.
 The refreshed factors, ranks and histories are in `state_dict`, so a resumed run continues exactly.
+
+Data parallelism (DDP, FSDP2): `run.AdapterSetup` calls `prepare` inside `fit` with this rank's
+shard of the calibration set (``shards_calibration``); every estimate all-reduces its sums, so the
+factors, the allocation and the metric are those of the whole set on every rank. Under FSDP2 the
+penalty gathers the sharded adapters (`trust_region.full_weight`) and a calibration refresh runs
+through the root PEFT model. Re-allocation needs one process.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from transformers import PreTrainedModel
 from ctrlora.allocation import allocate_ranks, reallocate, total_utility
 from ctrlora.config import TrainConfig
 from ctrlora.curvature.result import CurvatureResult, ModuleCurvature
+from ctrlora.curvature.runtime import world_size
 from ctrlora.errors import ConfigError
 from ctrlora.methods.adapter_resize import (
     adapter_parameters,
@@ -48,7 +55,7 @@ from ctrlora.methods.adapter_resize import (
     reset_moments,
     shrunk_factors,
 )
-from ctrlora.methods.allocating import ADAPTER, AllocatingMethod, lora_layers, set_adapter
+from ctrlora.methods.allocating import ADAPTER, PEFT_PREFIX, AllocatingMethod, lora_layers, set_adapter
 from ctrlora.methods.base import register_method
 from ctrlora.methods.ctr_refresh import (
     REFRESHED_CURVATURE,
@@ -89,6 +96,8 @@ def without_gradient(curvature: CurvatureResult, names: list[str]) -> CurvatureR
 
 @register_method("ctrlora")
 class CtrLoraMethod(AllocatingMethod):
+    shards_calibration = True  # every pass sums statistics across ranks: each rank may take its shard
+
     def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
         cfg.method.ctr.validate()
         super().__init__(composed_config(cfg), total_steps=total_steps, run_dir=run_dir)
@@ -144,7 +153,15 @@ class CtrLoraMethod(AllocatingMethod):
     # --- step 0: curvature, allocation, adapters -------------------------------------------------
 
     def prepare(self, model: PreTrainedModel, calibration: DataLoader | None) -> PeftModel:
+        """Curvature on `calibration` (under data parallelism this rank's shard: the sums are all-reduced),
+        ranks, adapters, and the trust-region metric. The loader is kept for the refreshes."""
         settings = self.settings
+        if settings.reallocate and self.refreshes_during_training and world_size() > 1:
+            raise ConfigError(
+                "method.ctr.reallocate=true changes parameter shapes mid-training, which data-parallel"
+                " gradient buckets and FSDP shards cannot follow; run it in one process or set"
+                " method.ctr.reallocate=false"
+            )
         self.resolve(model)
         self.r_max = self.default_r_max(settings.r_max)
         names = list(self.shapes)
@@ -254,13 +271,6 @@ class CtrLoraMethod(AllocatingMethod):
     def callbacks(self) -> list[L.Callback]:
         return [CurvatureRefresh(self)] if self.refreshes_during_training else []
 
-    def check_trainer(self, trainer: L.Trainer) -> None:
-        if self.settings.reallocate and trainer.world_size > 1:
-            raise ConfigError(
-                "method.ctr.reallocate=true changes parameter shapes mid-training, which data-parallel gradient"
-                " buckets cannot follow; run it in one process or set method.ctr.reallocate=false"
-            )
-
     def is_refresh_step(self, step: int) -> bool:
         every = self.settings.refresh_every
         return self.refreshes_during_training and 0 < step < self.total_steps and step % every == 0
@@ -279,10 +289,7 @@ class CtrLoraMethod(AllocatingMethod):
         if self.training_statistics is not None:
             result = self.training_statistics.result()
         else:
-            result = self.estimate(
-                self.peft_model.get_base_model(), self.calibration, list(self.layers), self.curvature_settings(),
-                want_grad=moving, sketch_rank=self.r_max, label="refresh",
-            )
+            result = self.estimate_at_current_weights(want_grad=moving)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         changes = self.reallocate_ranks(result, optimizer, step) if moving else {}
         self.curvature = without_gradient(result, list(self.layers))
@@ -294,6 +301,21 @@ class CtrLoraMethod(AllocatingMethod):
         self.last_refresh_step = step
         if is_rank_zero():
             save_refreshed_curvature(self.curvature, self.run_dir / REFRESHED_CURVATURE.format(step=step))
+
+    def estimate_at_current_weights(self, *, want_grad: bool) -> CurvatureResult:
+        """The adapted modules' factors on (this rank's shard of) the calibration set, by base-model name.
+
+        The passes go through the PEFT model itself, the root module: under FSDP2 its hooks gather
+        the weights outside the decoder layers (embeddings, head), which calling the inner base model
+        would skip.
+        """
+        names = list(self.layers)
+        targets = [PEFT_PREFIX + name for name in names]
+        result = self.estimate(
+            self.peft_model, self.calibration, targets, self.curvature_settings(), want_grad=want_grad,
+            sketch_rank=self.r_max, label="refresh",
+        )
+        return CurvatureResult({name: result[PEFT_PREFIX + name] for name in names}, result.report)
 
     def reallocate_ranks(
         self, curvature: CurvatureResult, optimizer: torch.optim.Optimizer | None, step: int

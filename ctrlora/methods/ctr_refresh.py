@@ -172,14 +172,6 @@ class CurvatureRefresh(L.Callback):
     def __init__(self, method: CtrLoraMethod) -> None:
         self.method = method
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Check the trainer; under data parallelism refresh on this rank's calibration shard (the
-        estimator sums the disjoint shards across ranks, so every rank sees the whole set's factors)."""
-        self.method.check_trainer(trainer)
-        datamodule = getattr(trainer, "datamodule", None)
-        if trainer.world_size > 1 and hasattr(datamodule, "calibration_dataloader"):
-            self.method.calibration = datamodule.calibration_dataloader(trainer.world_size, trainer.global_rank)
-
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any) -> None:
         statistics = self.method.training_statistics
         if statistics is not None and self.method.collects_for(trainer.global_step + 1):

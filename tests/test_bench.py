@@ -1,0 +1,80 @@
+"""`make bench` (ctrlora.bench) end to end on tiny-llama with two methods and a few steps, and the
+composition of its GPU preset. Timings are reported by the bench, never asserted here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ctrlora.bench import CONF_DIR, main
+from ctrlora.bench.config import BenchSettings, register_bench_config
+from ctrlora.bench.suite import compose_train
+from ctrlora.errors import ConfigError
+
+ESTIMATORS = {"activation", "kfac_empirical_dense_grad", "kfac_mc", "hutchinson"}
+
+
+def test_bench_writes_ratios_curvature_fractions_overhead_and_estimators(tmp_path: Path) -> None:
+    summary = main([
+        "bench.model=tiny-llama", "bench.methods=[lora,ctrlora]", "bench.steps=3", "bench.warmup=1",
+        "bench.calibration_samples=8", "bench.estimator_batches=1", f"bench.output_dir={tmp_path}",
+    ])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data == json.loads(json.dumps(summary, default=str))
+    assert data["environment"]["versions"]["torch"] and data["environment"]["device"]
+    assert data["settings"]["model_group"] == "tiny-llama" and data["environment"]["budget_rank"] == 8
+
+    lora, ctr = data["methods"]["lora"], data["methods"]["ctrlora"]
+    assert lora["step_time_vs_lora"] == 1.0 and lora["peak_memory_vs_lora"] == 1.0
+    assert lora["cpu_time_vs_lora"] == {"median": 1.0, "min": 1.0}
+    for row in (lora, ctr):
+        assert len(row["step_time"]["times_s"]) == len(row["step_time"]["cpu_times_s"]) == 3
+        assert row["tokens_per_step"] == 8 * 32 and row["tokens_per_s"] > 0  # packed batch_size × seq_len
+        assert row["results"]["train"]["steps"] == data["settings"]["refresh_step"] + 1
+    assert lora["curvature_work"] is None
+
+    # CTR-LoRA refreshed once inside the run, after the timed steps; at the default cadence (every 500
+    # steps) a 1000-step run refreshes once. N = train.yaml's calibration.num_samples, then 256, 2048.
+    refreshes = ctr["results"]["train"]["curvature"]["refreshes"]
+    assert [refresh["step"] for refresh in refreshes] == [data["settings"]["refresh_step"]]
+    works = {work["samples"]: work for work in ctr["curvature_work"]}
+    assert list(works)[0] == data["defaults"]["ctrlora"]["calibration_samples"] and {256, 2048} <= set(works)
+    for work in works.values():
+        assert work["refreshes"] == 1 and work["per_refresh_s"] > 0 and work["fraction"] > 0
+        assert work["total_s"] == pytest.approx(work["initial_s"] + work["per_refresh_s"])
+        assert work["fraction"] == pytest.approx(work["total_s"] / (1000 * ctr["step_time"]["median_s"]))
+    assert works[2048]["total_s"] > works[256]["total_s"]  # the estimate grows with the calibration set
+
+    overhead = data["overhead"]
+    assert overhead["lightning_median_s"] == lora["step_time"]["median_s"] and overhead["bare_median_s"] > 0
+    assert overhead["loss_max_abs_diff"] < 1e-6  # the bare loop ran the very same steps
+    assert set(data["estimators"]) == ESTIMATORS
+    for row in data["estimators"].values():
+        assert row["batches"] == 1 and row["per_batch_vs_lora_step"] > 0
+
+    table = (tmp_path / "results.md").read_text()
+    assert "| lora | " in table and " | 1.000 | " in table.split("| lora | ")[1].splitlines()[0]
+    assert "| ctrlora | " in table and "Framework overhead" in table and "| hutchinson | " in table
+
+
+def test_the_llama2_7b_preset_composes_for_the_gpu() -> None:
+    register_bench_config()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        settings: BenchSettings = OmegaConf.to_object(
+            compose("bench", overrides=["bench.model=llama2-7b", "bench.model_path=/weights/llama"])
+        ).bench
+        assert len(settings.methods) == 9 and settings.steps >= 20
+        for method in settings.methods:
+            cfg = compose_train(settings.train_overrides_for(method, "gpu", f"/tmp/{method}"))
+            assert cfg.method.name == method and cfg.model.name == "llama2-7b"
+            assert cfg.model.path == "/weights/llama" and cfg.model.dtype == "auto"
+            assert cfg.trainer.accelerator == "gpu" and cfg.trainer.max_steps == settings.total_steps
+
+
+def test_the_reference_method_is_required() -> None:
+    with pytest.raises(ConfigError, match="bench.methods=.*must include 'lora'"):
+        main(["bench.methods=[dora,ctrlora]"])
