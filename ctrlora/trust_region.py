@@ -52,10 +52,31 @@ def kronecker_penalty(
     """
     B, A = full_weight(B), full_weight(A)
     dtype = torch.promote_types(B.dtype, torch.float32)
-    B, A = B.to(dtype), A.to(dtype)
-    gram_g = B.T @ s_g.apply(B).to(dtype)  # Bᵀ S_g B, r×r
-    gram_a = A @ s_a.apply(A.T).to(dtype)  # A S_a Aᵀ, r×r
-    return scaling**2 * (gram_g * gram_a.T).sum()
+    return _GramPenalty.apply(B.to(dtype), A.to(dtype), scaling, s_g, s_a)
+
+
+class _GramPenalty(torch.autograd.Function):
+    """``s² tr(G_g G_a)`` with ``G_g = Bᵀ P``, ``P = S_g B`` and ``G_a = A Q``, ``Q = S_a Aᵀ``.
+
+    With S_g, S_a symmetric (so G_g, G_a are too), the gradients reuse the forward's products:
+    ``∂/∂B = 2 s² P G_a`` and ``∂/∂A = 2 s² G_g Qᵀ`` — O((m+n) r²) on top of the forward, where
+    autograd through the factor products would multiply by S_g and S_a a second time.
+    """
+
+    @staticmethod
+    def forward(ctx, B: Tensor, A: Tensor, scaling: float, s_g: SymmetricFactor, s_a: SymmetricFactor) -> Tensor:
+        P = s_g.apply(B).to(B.dtype)
+        Q = s_a.apply(A.T).to(A.dtype)
+        gram_g, gram_a = B.T @ P, A @ Q  # r×r
+        ctx.save_for_backward(P, Q, gram_g, gram_a)
+        ctx.scaling = scaling
+        return scaling**2 * (gram_g * gram_a.T).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        P, Q, gram_g, gram_a = ctx.saved_tensors
+        coefficient = 2 * ctx.scaling**2 * grad
+        return coefficient * (P @ gram_a), coefficient * (gram_g @ Q.T), None, None, None
 
 
 def full_weight(weight: Tensor) -> Tensor:

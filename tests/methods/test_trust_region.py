@@ -64,7 +64,9 @@ def test_penalty_gradients_match_finite_differences():
     A.requires_grad_(True)
     factors = DenseFactor(s_g), DenseFactor(s_a)
     assert torch.autograd.gradcheck(lambda b, a: kronecker_penalty(b, a, 0.5, *factors), (B, A))
+    factors = DenseFactor(s_g), DenseFactor(s_a)
     kronecker_penalty(B, A, 0.5, *factors).backward()
+    assert factors[0].applied_to == [(6, 2)] and factors[1].applied_to == [(5, 2)]  # backward reuses them
     # d/dB s² tr(Bᵀ S_g B · A S_a Aᵀ) = 2 s² S_g B (A S_a Aᵀ); symmetric for A
     with torch.no_grad():
         torch.testing.assert_close(B.grad, 2 * 0.25 * s_g @ B @ (A @ s_a @ A.T))
