@@ -17,8 +17,8 @@ def test_the_hash_ignores_where_a_run_writes_and_logs_and_follows_what_it_comput
     elsewhere = hash_of(
         "run_dir=runs/b", "resume=true", "overwrite=true", "logger=wandb", "logger.project=other",
         "logger.tags=[x]", "trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=7",
-        "trainer.log_every_n_steps=5", "data.num_workers=2", "curvature.cache_dir=/tmp/c",
-        "eval.cache_dir=/tmp/e", "eval.data_dir=/mirrors",
+        "trainer.log_every_n_steps=5", "data.num_workers=2", "curvature.cache_dir=cache/curvature",
+        "eval.cache_dir=cache/eval", "eval.data_dir=mirrors",
     )
     assert elsewhere == reference
     changes = (

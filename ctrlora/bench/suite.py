@@ -96,6 +96,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
             run_config(REFERENCE_METHOD, "estimators"), settings.estimators, settings.estimator_batches, probe
         )
     methods = {name: methods[name] for name in settings.methods}
+    for measured in methods.values():
+        measured["results"]["run"].pop("run_dir", None)  # a temporary dir, gone by now
     defaults = {name: method_defaults(name, settings) for name in settings.methods}
     summary = summarise(
         methods, bare, estimators, defaults, settings.train_length, list(settings.fraction_samples)
@@ -103,7 +105,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     budget = methods[REFERENCE_METHOD]["results"]["run"]["budget"]
     summary = {
         "settings": {
-            **asdict(settings), "model_group": settings.model_group, "refresh_step": settings.refresh_step,
+            **{key: value for key, value in asdict(settings).items() if key != "output_dir"},  # where this file is
+            "model_group": settings.model_group, "refresh_step": settings.refresh_step,
             "accelerator": accelerator,
         },
         "environment": {
