@@ -170,7 +170,7 @@ class BudgetConfig:
 class CalibrationConfig:
     """The fixed, seeded calibration subset of the training set used by curvature methods."""
 
-    num_samples: int = 128
+    num_samples: int = 64
     batch_size: int = 8
     seed: int = 0
 

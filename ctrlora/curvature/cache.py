@@ -20,6 +20,7 @@ import torch
 
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.result import CurvatureResult
+from ctrlora.curvature.sketch import SKETCH_WHITENING
 
 
 def estimator_settings(
@@ -51,6 +52,7 @@ def estimator_settings(
                 sketch_power_iters=cfg.sketch_power_iters,
                 damping=cfg.damping,
                 pi_damping=cfg.pi_damping,
+                whitening=SKETCH_WHITENING,  # the square roots its basis was whitened with
             )
     return settings
 

@@ -22,7 +22,7 @@ class ModuleCurvature:
     - ``g``: ``S_g = (1/T) Σ_p g_p g_pᵀ`` (kfac) or the Hutchinson fit's row factor.
     - ``diag``: the Hutchinson estimate of diag(H) (d_out x d_in, unclamped) for the mean token loss.
     - ``grad``: the dense gradient ``G`` of the mean token loss (d_out x d_in).
-    - ``grad_sketch``: a randomized sketch of the whitened gradient ``S_g^{-1/2} G S_a^{-1/2}``.
+    - ``grad_sketch``: a randomized sketch of the whitened gradient ``R_g⁻¹ G R_a⁻ᵀ`` (`spectra`).
     - ``tokens``: T, the counted calibration tokens (all ranks).
     """
 

@@ -1,16 +1,16 @@
 """Randomized sketch of a whitened gradient, streamed over calibration tokens (``grad_mode: sketch``).
 
 For a layer too large to hold its gradient ``G = (1/T) Σ_t g_t x_tᵀ`` (d_out x d_in), passes after
-the factors find a rank-k approximation of the whitened gradient ``G̃ = S_g^{-1/2} G S_a^{-1/2}``
-(damped factors) by randomized range finding (Halko, Martinsson & Tropp 2011, Alg. 4.3/4.4):
+the factors find a rank-k approximation of the whitened gradient ``G̃ = R_g⁻¹ G R_a⁻ᵀ``
+(square roots ``R Rᵀ = S`` of the damped factors, `ctrlora.curvature.spectra`) by randomized range finding (Halko, Martinsson & Tropp 2011, Alg. 4.3/4.4):
 
     range pass       Y = G̃ Ω,  Ω ~ N(0, 1)^{d_in x k},  k = rank + oversampling;  Q = orth(Y)
     (power_iters ×)  Q ← orth(G̃ orth(G̃ᵀ Q))           (two passes each)
     projection pass  B = Qᵀ G̃                           (k x d_in)
 
 so ``G̃ ≈ Q B`` and the SVD of the small B gives the top singular triplets. Every product streams
-token by token from precomputed whitened test matrices: ``G̃ M = S_g^{-1/2} (1/T) Σ_t g_t (x_tᵀ M̂)``
-with ``M̂ = S_a^{-1/2} M``, and ``G̃ᵀ M = S_a^{-1/2} (1/T) Σ_t x_t (g_tᵀ M̂)`` with ``M̂ = S_g^{-1/2} M``;
+token by token from precomputed whitened test matrices: ``G̃ M = R_g⁻¹ (1/T) Σ_t g_t (x_tᵀ M̂)``
+with ``M̂ = R_a⁻ᵀ M``, and ``G̃ᵀ M = R_a⁻¹ (1/T) Σ_t x_t (g_tᵀ M̂)`` with ``M̂ = R_g⁻ᵀ M``;
 the sums add across data-parallel ranks. Being an orthogonal projection, ``Q B`` never overstates
 a singular value; it is exact when rank(G̃) ≤ k. (A single-pass two-sided sketch would save the
 projection pass, but when the whitened spectrum is flat its oblique reconstruction overstates the
@@ -27,10 +27,12 @@ from torch import Tensor
 
 from ctrlora.curvature.factors import Factor
 
+SKETCH_WHITENING = "cholesky"  # dense factors' square roots R (`Factor.whiten`); part of the cache key
+
 
 @dataclass
 class WhitenedGradientSketch:
-    """``G̃ ≈ Q B`` for ``G̃ = S_g^{-1/2} G S_a^{-1/2}`` under the recorded damping."""
+    """``G̃ ≈ Q B`` for ``G̃ = R_g⁻¹ G R_a⁻ᵀ`` under the recorded damping."""
 
     basis: Tensor  # Q, d_out x k, orthonormal columns
     projection: Tensor  # B = Qᵀ G̃, k x d_in
@@ -74,7 +76,7 @@ class WhitenedProduct:
         self.side = side
         self.a, self.g = a, g  # damped
         near, far = (a, g) if side == "right" else (g, a)
-        self.whitened_test = near.inverse_root_apply(test)  # M̂
+        self.whitened_test = near.unwhiten(test)  # M̂
         self.total = torch.zeros(far.dim, test.shape[1], dtype=test.dtype, device=test.device)
 
     def update(self, grad_rows: Tensor, input_rows: Tensor) -> None:
@@ -89,7 +91,7 @@ class WhitenedProduct:
     def finish(self, tokens: int) -> Tensor:
         """The product once `total` holds all T tokens (summed across ranks)."""
         far = self.g if self.side == "right" else self.a
-        return far.inverse_root_apply(self.total) / tokens
+        return far.whiten(self.total) / tokens
 
 
 def orthonormal_basis(matrix: Tensor) -> Tensor:

@@ -1,9 +1,13 @@
 """Spectra of whitened gradients (METHODS §5, §6.1).
 
-The whitened gradient of a target is ``G̃ = S_g^{-1/2} G S_a^{-1/2}`` with damped factors. Its
-singular values σ_k give CTR-LoRA's rank utilities ``½ σ_k²`` and its singular vectors CG-LoRA's
-initial update; `whitened_gradient_svd` returns the top ones from a dense G (exact SVD, or a
-randomized one with power iterations for wide layers) or from a `WhitenedGradientSketch`.
+The whitened gradient of a target is ``G̃ = R_g⁻¹ G R_a⁻ᵀ`` for square roots ``R Rᵀ = S`` of the
+damped factors (`Factor.whiten`: the Cholesky factor of a dense S, ``S^{1/2}`` otherwise). It
+differs from the symmetric ``S_g^{-1/2} G S_a^{-1/2}`` of METHODS by orthogonal maps on each side,
+so its singular values σ_k — CTR-LoRA's rank utilities ``½ σ_k²`` — are the same, and singular
+vectors mapped back with `Factor.unwhiten` give the same updates (CG-LoRA's initial step).
+`whitened_gradient_svd` returns the top ones from a dense G (randomized SVD with power
+iterations, exact when the sketch would cover the smaller side anyway) or from a
+`WhitenedGradientSketch`.
 """
 
 from __future__ import annotations
@@ -13,10 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from ctrlora.curvature.factors import damped_pair
+from ctrlora.curvature.factors import Factor, damped_pair
 from ctrlora.curvature.result import ModuleCurvature
-
-EXACT_SVD_MAX_DIM = 4096
 
 
 def randomized_svd(
@@ -35,12 +37,9 @@ def randomized_svd(
     return (basis @ left)[:, :rank], values[:rank], right_t[:rank].T
 
 
-def whitened_gradient(curvature: ModuleCurvature, damping: float, pi_split: bool = False) -> Tensor:
-    """``S_g^{-1/2} G S_a^{-1/2}`` from a dense G and the damped factors (d_out x d_in)."""
-    if curvature.grad is None or curvature.a is None or curvature.g is None:
-        raise ValueError("the whitened gradient needs a, g and a dense grad (estimate with want_grad=True)")
-    a, g = damped_pair(curvature.a, curvature.g, damping, pi_split)
-    return a.inverse_root_apply(g.inverse_root_apply(curvature.grad).T).T
+def whitened_gradient(grad: Tensor, a: Factor, g: Factor) -> Tensor:
+    """``R_g⁻¹ G R_a⁻ᵀ`` (d_out x d_in) from a dense G and damped factors."""
+    return a.whiten(g.whiten(grad).T).T
 
 
 def whitened_gradient_svd(
@@ -52,19 +51,24 @@ def whitened_gradient_svd(
     seed: int = 0,
     *,
     pi_split: bool = False,
-    exact_max_dim: int = EXACT_SVD_MAX_DIM,
+    damped: tuple[Factor, Factor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-`rank` singular triplets of ``G̃ = S_g^{-1/2} G S_a^{-1/2}``: ``G̃ ≈ U diag(S) Vᵀ``.
+    """Top-`rank` singular triplets of the whitened gradient ``G̃ ≈ U diag(S) Vᵀ`` (module docstring).
 
-    U is d_out x rank, S descending, V is d_in x rank. With a dense G the SVD is exact when both
-    dims are ≤ `exact_max_dim`, else randomized (`oversampling`, `power_iters`, `seed`). With
-    only a sketch, the sketch's damping must equal `damping` (it was whitened at estimation).
+    U is d_out x rank, S descending, V is d_in x rank. With a dense G: a randomized SVD (`rank` +
+    `oversampling` columns, `power_iters`, `seed`; METHODS §6.1), or the exact one when that many
+    columns reach the smaller dimension. `damped`: the pair ``damped_pair(a, g, damping, pi_split)``
+    when the caller already holds it (so a factor shared by several targets is factorised once).
+    With only a sketch, the sketch's damping must equal `damping` (it was whitened at estimation).
     """
     if curvature.grad is not None:
-        whitened = whitened_gradient(curvature, damping, pi_split)
+        if curvature.a is None or curvature.g is None:
+            raise ValueError("the whitened gradient needs Kronecker factors a and g")
+        a, g = damped or damped_pair(curvature.a, curvature.g, damping, pi_split)
+        whitened = whitened_gradient(curvature.grad, a, g)
         if rank > min(whitened.shape):
             raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(whitened.shape)}")
-        if max(whitened.shape) <= exact_max_dim:
+        if rank + oversampling >= min(whitened.shape):
             left, values, right_t = torch.linalg.svd(whitened, full_matrices=False)
             return left[:, :rank], values[:rank], right_t[:rank].T
         return randomized_svd(whitened, rank, oversampling, power_iters, seed)

@@ -42,7 +42,7 @@ class Method(Protocol):
 
     def save_adapter(self, model: PeftModel, out_dir: Path) -> None: ...
 
-    def step_metrics(self) -> dict[str, float]: ...
+    def step_metrics(self) -> dict[str, float | Tensor]: ...
 
     def state_dict(self) -> dict: ...
 
@@ -190,8 +190,8 @@ class MethodBase:
     def save_adapter(self, model: PeftModel, out_dir: Path) -> None:
         model.save_pretrained(out_dir)
 
-    def step_metrics(self) -> dict[str, float]:
-        """Scalars to log every step under `method/` (e.g. CTR-LoRA's λ and penalty)."""
+    def step_metrics(self) -> dict[str, float | Tensor]:
+        """Scalars (numbers or 0-d tensors) to log every step under `method/` (e.g. CTR-LoRA's λ and penalty)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ Ranks: r̄ everywhere, or ``cg.allocate: greedy`` on ``½σ²`` of T (CTR-LoRA's
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,19 +30,14 @@ from transformers import PreTrainedModel
 
 from ctrlora.allocation import allocate_ranks
 from ctrlora.config import TrainConfig
-from ctrlora.curvature.factors import Factor
 from ctrlora.curvature.hooks import calibration_mode
 from ctrlora.curvature.objectives import objective_for
+from ctrlora.curvature.result import CurvatureResult
 from ctrlora.curvature.runtime import batch_to_device, input_device
 from ctrlora.errors import ConfigError
 from ctrlora.methods.allocating import AllocatingMethod, BatchRange, lora_layers, set_adapter
 from ctrlora.methods.base import register_method
-from ctrlora.methods.lowrank import (
-    WhitenedSpectrum,
-    curvature_step_factors,
-    damped_factors,
-    whitened_spectrum,
-)
+from ctrlora.methods.lowrank import DampedPairs, WhitenedSpectrum, curvature_step_factors, whitened_spectra
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +85,6 @@ class CgLoraMethod(AllocatingMethod):
             raise ConfigError("method.use_dora=true: DoRA's magnitudes are fixed before CG-LoRA's init; use method=dora")
         if settings.shift and method.quantize_4bit:
             raise ConfigError("method.cg.shift=true cannot modify 4-bit quantised base weights; use shift=false")
-        self.spectra: dict[str, WhitenedSpectrum] = {}
-        self.factors: dict[str, tuple[Factor, Factor]] = {}
         self.eta = float("nan")
         self.eta_search: dict[str, float] = {}
 
@@ -113,18 +107,17 @@ class CgLoraMethod(AllocatingMethod):
         names = list(self.shapes)
         key = self.calibration_key(model, batches=[0, len(estimate_batches)] if holdout is not None else "all")
         curvature = self.estimate(model, estimate_batches, names, cfg, want_grad=True, sketch_rank=r_max, cache_key=key)
-        spectra = {
-            name: whitened_spectrum(
-                curvature[name], min(r_max, *self.shapes[name]), damping=cfg.damping, pi_split=cfg.pi_damping,
-                seed=cfg.seed,
-            )
-            for name in names
-        }
+        ranks = {name: min(r_max, *self.shapes[name]) for name in names}
+        spectra = whitened_spectra(
+            curvature.modules, ranks, damping=cfg.damping, pi_split=cfg.pi_damping, seed=cfg.seed
+        )
         self.ranks = self.allocate(spectra, r_max)
-        self.factors = {name: damped_factors(curvature[name], cfg.damping, cfg.pi_damping) for name in names}
-        self.spectra = spectra
-        peft_model = self.wrap(model, self.allocated_config(self.ranks), lambda m: self.initialise(m, holdout))
-        self.record = self.base_record(self.module_records(), settings)
+        steps = self.unit_steps(curvature, spectra)
+        del curvature  # the factors are not needed in training
+        peft_model = self.wrap(
+            model, self.allocated_config(self.ranks), lambda m: self.initialise(m, steps, holdout)
+        )
+        self.record = self.base_record(self.module_records(spectra), settings)
         self.record.update(r_max=r_max, eta=self.eta, eta_search=self.eta_search)
         self.write_record()
         return peft_model
@@ -152,12 +145,27 @@ class CgLoraMethod(AllocatingMethod):
             utilities, self.costs, self.budget.allowed_params, settings.r_min, r_max, "greedy", settings.score
         )
 
-    def initial_factors(self, name: str, layer: nn.Module, eta: float) -> tuple[Tensor, Tensor]:
-        a, g = self.factors[name]
-        return curvature_step_factors(self.spectra[name], a, g, self.ranks[name], eta, layer.scaling["default"])
+    def unit_steps(
+        self, curvature: CurvatureResult, spectra: Mapping[str, WhitenedSpectrum]
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Balanced ``(B₁, A₁)`` of ``ΔW₀(η = 1)`` for every target with rank > 0 (at its LoRA scaling).
 
-    def initialise(self, peft_model: PeftModel, holdout: BatchRange | None) -> None:
-        """Choose η (held-out loss of ``W + ΔW₀(η)``), set ``(B₀, A₀)``, and shift W if asked."""
+        ``ΔW₀(η)`` is linear in η and balancing scales both factors alike, so ``(√η B₁, √η A₁)`` are the
+        balanced factors of any η > 0: the η search needs no further factor algebra.
+        """
+        cfg = self.curvature_settings("kfac")
+        pairs = DampedPairs(cfg.damping, cfg.pi_damping)
+        steps = {}
+        for name, rank in self.ranks.items():
+            if rank > 0:
+                a, g = pairs(curvature[name])
+                steps[name] = curvature_step_factors(spectra[name], a, g, rank, 1.0, self.scaling_for(rank))
+        return steps
+
+    def initialise(
+        self, peft_model: PeftModel, steps: Mapping[str, tuple[Tensor, Tensor]], holdout: BatchRange | None
+    ) -> None:
+        """Choose η (held-out loss of ``W + ΔW₀(η)``), set ``(B₀, A₀) = √η (B₁, A₁)``, and shift W if asked."""
         layers = lora_layers(peft_model)
         settings = self.cfg.method.cg
         if holdout is None:
@@ -166,20 +174,20 @@ class CgLoraMethod(AllocatingMethod):
             self.eta_search["0"] = mean_token_loss(peft_model, holdout)  # B = 0: the pretrained model
             for eta in map(float, settings.eta_grid):
                 for name, layer in layers.items():
-                    set_adapter(layer, *self.initial_factors(name, layer, eta))
+                    set_adapter(layer, *(math.sqrt(eta) * factor for factor in steps[name]))
                 self.eta_search[repr(eta)] = mean_token_loss(peft_model, holdout)
             self.eta = min(map(float, settings.eta_grid), key=lambda eta: self.eta_search[repr(eta)])
         with torch.no_grad():
             for name, layer in layers.items():
-                B, A = self.initial_factors(name, layer, self.eta)
+                B, A = (math.sqrt(self.eta) * factor for factor in steps[name])
                 set_adapter(layer, B, A)
                 if settings.shift:
                     shift_base_weight(name, layer.base_layer.weight, layer.scaling["default"] * B @ A)
 
-    def module_records(self) -> dict[str, dict[str, Any]]:
+    def module_records(self, spectra: Mapping[str, WhitenedSpectrum]) -> dict[str, dict[str, Any]]:
         """Per module: the singular values of T up to its rank, their utilities, the modelled decrease."""
         records = {}
-        for name, spectrum in self.spectra.items():
+        for name, spectrum in spectra.items():
             rank = self.ranks[name]
             kept = [float(value) for value in spectrum.values[:rank]]
             records[name] = {

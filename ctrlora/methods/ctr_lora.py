@@ -45,7 +45,7 @@ from transformers import PreTrainedModel
 
 from ctrlora.allocation import allocate_ranks, reallocate, total_utility
 from ctrlora.config import TrainConfig
-from ctrlora.curvature.result import CurvatureResult, ModuleCurvature
+from ctrlora.curvature.result import CurvatureResult
 from ctrlora.curvature.runtime import world_size
 from ctrlora.errors import ConfigError
 from ctrlora.methods.adapter_resize import (
@@ -65,10 +65,11 @@ from ctrlora.methods.ctr_refresh import (
     save_refreshed_curvature,
 )
 from ctrlora.methods.lowrank import (
+    DampedPairs,
     WhitenedSpectrum,
     curvature_step_factors,
     damped_factors,
-    whitened_spectrum,
+    whitened_spectra,
 )
 from ctrlora.methods.settings import CtrSettings
 from ctrlora.ranks import is_rank_zero
@@ -176,7 +177,7 @@ class CtrLoraMethod(AllocatingMethod):
                 cache_key=self.calibration_key(model),
             )
             if want_grad:
-                self.spectra = {name: self.spectrum(curvature[name]) for name in names}
+                self.spectra = self.spectra_of(curvature, names)
         self.ranks = self.allocate()
         self.calibration = calibration
         self.peft_model = self.wrap(model, self.allocated_config(self.ranks), lambda m: self.initialise(m, curvature))
@@ -191,11 +192,13 @@ class CtrLoraMethod(AllocatingMethod):
         self.update_record()
         return self.peft_model
 
-    def spectrum(self, curvature: ModuleCurvature) -> WhitenedSpectrum:
+    def spectra_of(self, curvature: CurvatureResult, names: list[str]) -> dict[str, WhitenedSpectrum]:
+        """The top-``min(r_max, m, n)`` whitened-gradient spectrum of each of `names` (``ctr.oversampling``,
+        ``ctr.power_iters``)."""
         cfg, settings = self.curvature_settings(), self.settings
-        d_out, d_in = curvature.g.dim, curvature.a.dim
-        return whitened_spectrum(
-            curvature, min(self.r_max, d_out, d_in), damping=cfg.damping, pi_split=cfg.pi_damping,
+        ranks = {name: min(self.r_max, *self.shapes[name]) for name in names}
+        return whitened_spectra(
+            curvature.modules, ranks, damping=cfg.damping, pi_split=cfg.pi_damping,
             oversampling=settings.oversampling, power_iters=settings.power_iters, seed=cfg.seed,
         )
 
@@ -213,9 +216,10 @@ class CtrLoraMethod(AllocatingMethod):
     def initialise(self, peft_model: PeftModel, curvature: CurvatureResult | None) -> None:
         """``ctr.init: curvature`` factors, and the anchors of inits that move the base weights."""
         cfg = self.curvature_settings()
+        pairs = DampedPairs(cfg.damping, cfg.pi_damping)
         for name, layer in lora_layers(peft_model).items():
             if self.settings.init == "curvature":
-                a, g = damped_factors(curvature[name], cfg.damping, cfg.pi_damping)
+                a, g = pairs(curvature[name])
                 scaling = layer.scaling[ADAPTER]
                 set_adapter(layer, *curvature_step_factors(
                     self.spectra[name], a, g, self.ranks[name], self.settings.init_scale, scaling
@@ -257,11 +261,11 @@ class CtrLoraMethod(AllocatingMethod):
         if self.penalty is None:
             return None
         penalty = self.penalty({name: self.displacement(name, layer) for name, layer in self.layers.items()})
-        self.last_penalty = float(penalty.detach())
+        self.last_penalty = penalty.detach()  # a tensor: logging it needs no host sync each step
         return self.last_lambda * penalty
 
-    def step_metrics(self) -> dict[str, float]:
-        metrics = {"lambda": self.last_lambda}
+    def step_metrics(self) -> dict[str, float | Tensor]:
+        metrics: dict[str, float | Tensor] = {"lambda": self.last_lambda}
         if self.last_penalty is not None:
             metrics["penalty"] = self.last_penalty
         return metrics
@@ -324,8 +328,9 @@ class CtrLoraMethod(AllocatingMethod):
         settings, cfg = self.settings, self.curvature_settings()
         current = {name: self.ranks[name] for name in self.layers}
         utilities = {}
+        spectra = self.spectra_of(curvature, list(self.layers))
         for name in self.layers:
-            values = self.spectrum(curvature[name]).utilities()
+            values = spectra[name].utilities()
             utilities[name] = values + [0.0] * max(0, current[name] - len(values))
         costs = {name: self.costs[name] for name in self.layers}
         target = reallocate(

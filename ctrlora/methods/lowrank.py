@@ -1,30 +1,34 @@
 """Low-rank updates in the Kronecker curvature metric (METHODS §5, §6.1, §6.3).
 
-For a target ``W ∈ R^{m×n}`` with damped factors ``S_g`` (m×m) and ``S_a`` (n×n) the local
-model of the mean loss is ``ΔL ≈ ⟨G, ΔW⟩ + ½ tr(ΔWᵀ S_g ΔW S_a)``. Substituting
-``ΔW = S_g^{-1/2} X S_a^{-1/2}`` turns it into ``⟨G̃, X⟩ + ½ ‖X‖²_F`` with the whitened gradient
-``G̃ = S_g^{-1/2} G S_a^{-1/2} = U Σ Vᵀ``. Over rank-r X the minimiser is ``X = −U_r Σ_r V_rᵀ``
+For a target ``W ∈ R^{m×n}`` with damped factors ``S_g = R_g R_gᵀ`` (m×m) and ``S_a = R_a R_aᵀ``
+(n×n) the local model of the mean loss is ``ΔL ≈ ⟨G, ΔW⟩ + ½ tr(ΔWᵀ S_g ΔW S_a)``. Substituting
+``ΔW = R_g⁻ᵀ X R_a⁻¹`` turns it into ``⟨G̃, X⟩ + ½ ‖X‖²_F`` with the whitened gradient
+``G̃ = R_g⁻¹ G R_a⁻ᵀ = U Σ Vᵀ``. Over rank-r X the minimiser is ``X = −U_r Σ_r V_rᵀ``
 (Eckart–Young), lowering the model by ``½ Σ_{k≤r} σ_k²``: each rank unit k is worth
 ``u_k = ½ σ_k²`` and successive units add (CTR-LoRA's utilities), and
-``ΔW(η) = −η S_g^{-1/2} U_r Σ_r V_rᵀ S_a^{-1/2}`` is CG-LoRA's initial update
-(``T = −G̃`` in the paper's notation), whose modelled change is ``(−η + η²/2) Σ_{k≤r} σ_k²``.
+``ΔW(η) = −η R_g⁻ᵀ U_r Σ_r V_rᵀ R_a⁻¹`` is CG-LoRA's initial update (``T = −G̃`` in the paper's
+notation), whose modelled change is ``(−η + η²/2) Σ_{k≤r} σ_k²``. With the symmetric roots
+``R = S^{1/2}`` these are METHODS' formulas; any other square root (the Cholesky factor, `factors`)
+rotates U and V and changes neither σ nor ΔW.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ctrlora.curvature.factors import Factor, damped_pair
+from ctrlora.curvature.factors import Factor, relative_damping
 from ctrlora.curvature.result import ModuleCurvature
 from ctrlora.curvature.spectra import whitened_gradient_svd
 
 
 @dataclass(frozen=True)
 class WhitenedSpectrum:
-    """Top singular triplets of ``G̃ = S_g^{-1/2} G S_a^{-1/2}`` (damped factors) of one target."""
+    """Top singular triplets of the whitened gradient ``G̃ = R_g⁻¹ G R_a⁻ᵀ`` (damped factors) of one target."""
 
     left: Tensor  # U, m × k
     values: Tensor  # σ, descending, k
@@ -35,21 +39,56 @@ class WhitenedSpectrum:
         return [0.5 * float(value) ** 2 for value in self.values]
 
 
-def whitened_spectrum(
-    curvature: ModuleCurvature,
-    rank: int,
+class DampedPairs:
+    """``damped_pair`` of targets' raw factors, each damped (and factorised) once while targets share it.
+
+    q/k/v share their input factor S_a, as do gate/up: targets visited in model order find the damped
+    copy (with its Cholesky factor) here. Only the `keep` most recent raw factors stay, so the
+    damped copies of a whole model are never held at once.
+    """
+
+    def __init__(self, damping: float, pi_split: bool = False, keep: int = 8) -> None:
+        self.gamma = relative_damping(damping, pi_split)
+        self.keep = keep
+        self._recent: OrderedDict[int, tuple[Factor, Factor]] = OrderedDict()  # id(raw) -> (raw, damped)
+
+    def _damped(self, raw: Factor) -> Factor:
+        entry = self._recent.get(id(raw))
+        if entry is None or entry[0] is not raw:
+            entry = (raw, raw.damped(self.gamma))
+            self._recent[id(raw)] = entry
+        self._recent.move_to_end(id(raw))
+        while len(self._recent) > self.keep:
+            self._recent.popitem(last=False)
+        return entry[1]
+
+    def __call__(self, curvature: ModuleCurvature) -> tuple[Factor, Factor]:
+        """``(S_a, S_g)`` damped as in METHODS §3 (raises if the curvature holds no Kronecker pair)."""
+        if curvature.a is None or curvature.g is None:
+            raise ValueError("this method needs Kronecker factors a and g: use curvature=kfac or curvature=hutchinson")
+        return self._damped(curvature.a), self._damped(curvature.g)
+
+
+def whitened_spectra(
+    curvature: Mapping[str, ModuleCurvature],
+    ranks: Mapping[str, int],
     *,
     damping: float,
     pi_split: bool = False,
     oversampling: int = 10,
     power_iters: int = 2,
     seed: int = 0,
-) -> WhitenedSpectrum:
-    """The top-`rank` SVD of the whitened gradient (exact for dims ≤ 4096, randomized above)."""
-    left, values, right = whitened_gradient_svd(
-        curvature, rank, damping, oversampling, power_iters, seed, pi_split=pi_split
-    )
-    return WhitenedSpectrum(left, values, right)
+) -> dict[str, WhitenedSpectrum]:
+    """The top-``ranks[name]`` SVD of each target's whitened gradient (randomized, METHODS §6.1)."""
+    pairs = DampedPairs(damping, pi_split)
+    spectra = {}
+    for name, rank in ranks.items():
+        left, values, right = whitened_gradient_svd(
+            curvature[name], rank, damping, oversampling, power_iters, seed,
+            pi_split=pi_split, damped=pairs(curvature[name]),
+        )
+        spectra[name] = WhitenedSpectrum(left, values, right)
+    return spectra
 
 
 def balanced_factors(left: Tensor, core: Tensor, right: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
@@ -72,14 +111,14 @@ def balanced_factors(left: Tensor, core: Tensor, right: Tensor, scaling: float) 
 def curvature_step_factors(
     spectrum: WhitenedSpectrum, a: Factor, g: Factor, rank: int, eta: float, scaling: float
 ) -> tuple[Tensor, Tensor]:
-    """Balanced ``(B₀, A₀)`` with ``s B₀A₀ = ΔW(η) = −η S_g^{-1/2} U_r Σ_r V_rᵀ S_a^{-1/2}``.
+    """Balanced ``(B₀, A₀)`` with ``s B₀A₀ = ΔW(η) = −η R_g⁻ᵀ U_r Σ_r V_rᵀ R_a⁻¹``.
 
     ``a`` and ``g`` are the damped factors the spectrum was whitened with.
     """
     if rank > spectrum.values.numel():
         raise ValueError(f"rank {rank} exceeds the {spectrum.values.numel()} singular triplets computed")
-    left = g.inverse_root_apply(spectrum.left[:, :rank])
-    right = a.inverse_root_apply(spectrum.right[:, :rank])
+    left = g.unwhiten(spectrum.left[:, :rank])
+    right = a.unwhiten(spectrum.right[:, :rank])
     core = torch.diag(-eta * spectrum.values[:rank]).to(left.dtype)
     return balanced_factors(left, core, right, scaling)
 
@@ -88,25 +127,23 @@ def truncate_in_metric(
     B: Tensor, A: Tensor, scaling: float, new_scaling: float, a: Factor, g: Factor, rank: int
 ) -> tuple[Tensor, Tensor]:
     """Best rank-`rank` replacement of ``s B A`` in the metric: ``(B', A')`` with ``s' B'A'`` equal to
-    ``S_g^{-1/2} [S_g^{1/2} (sBA) S_a^{1/2}]_rank S_a^{-1/2}`` (``[·]_k``: truncated SVD), balanced.
+    ``R_g⁻ᵀ [R_gᵀ (sBA) R_a]_rank R_a⁻¹`` (``[·]_k``: truncated SVD), balanced.
 
-    ``a``/``g`` are damped factors; ``‖X‖_M = ‖S_g^{1/2} X S_a^{1/2}‖_F``, so this is the
-    Eckart–Young optimum in the trust-region metric.
+    ``a``/``g`` are damped factors ``S = R Rᵀ``; ``‖X‖_M = ‖R_gᵀ X R_a‖_F``, so this is the
+    Eckart–Young optimum in the trust-region metric (METHODS writes it with ``S^{1/2}``).
     """
     if not 1 <= rank <= B.shape[1]:
         raise ValueError(f"can only shrink to a rank in [1, {B.shape[1]}], got {rank}")
     dtype = torch.promote_types(B.dtype, a.dtype)
-    whitened_b = g.root_apply(B.detach().to(dtype))  # S_g^{1/2} B
-    whitened_a_t = a.root_apply(A.detach().to(dtype).T)  # S_a^{1/2} Aᵀ
+    whitened_b = g.root_transpose_apply(B.detach().to(dtype))  # R_gᵀ B
+    whitened_a_t = a.root_transpose_apply(A.detach().to(dtype).T)  # R_aᵀ Aᵀ
     eye = torch.eye(B.shape[1], dtype=dtype, device=B.device)
     unit_b, unit_a = balanced_factors(whitened_b, scaling * eye, whitened_a_t, 1.0)
-    left = g.inverse_root_apply(unit_b[:, :rank])
-    right = a.inverse_root_apply(unit_a[:rank].T)
+    left = g.unwhiten(unit_b[:, :rank])
+    right = a.unwhiten(unit_a[:rank].T)
     return balanced_factors(left, torch.eye(rank, dtype=dtype, device=B.device), right, new_scaling)
 
 
 def damped_factors(curvature: ModuleCurvature, damping: float, pi_split: bool = False) -> tuple[Factor, Factor]:
-    """``(S_a, S_g)`` damped as in METHODS §3 (raises if the curvature holds no Kronecker pair)."""
-    if curvature.a is None or curvature.g is None:
-        raise ValueError("this method needs Kronecker factors a and g: use curvature=kfac or curvature=hutchinson")
-    return damped_pair(curvature.a, curvature.g, damping, pi_split)
+    """``(S_a, S_g)`` of one target damped as in METHODS §3 (see `DampedPairs` for many targets)."""
+    return DampedPairs(damping, pi_split)(curvature)

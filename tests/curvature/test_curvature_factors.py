@@ -42,10 +42,17 @@ def check_consistent(factor, matrix: torch.Tensor) -> None:
     assert_close(factor.apply(x), matrix @ x, 1e-12)
     assert_close(factor.apply(x[:, 0]), matrix @ x[:, 0], 1e-12)  # vectors too
     assert_close(factor.quadratic_form(x), x.T @ matrix @ x, 1e-12)
-    root = factor.root_apply(eye)
-    inverse_root = factor.inverse_root_apply(eye)
+    root = factor.power_apply(eye, 0.5)
+    inverse_root = factor.power_apply(eye, -0.5)
     assert_close(root @ root, matrix, 1e-10)
     assert_close(inverse_root @ matrix @ inverse_root, eye, 1e-10)
+    # whitening with the factor's square root R (R Rᵀ = S): R⁻¹ S R⁻ᵀ = I, R⁻ᵀ = (R⁻¹)ᵀ, R⁻¹ R = I
+    whiten, unwhiten, root_t = factor.whiten(eye), factor.unwhiten(eye), factor.root_transpose_apply(eye)
+    assert_close(root_t.T @ root_t, matrix, 1e-10)
+    assert_close(whiten @ matrix @ whiten.T, eye, 1e-10)
+    assert_close(unwhiten, whiten.T, 1e-10)
+    assert_close(whiten @ root_t.T, eye, 1e-10)
+    assert_close(factor.whiten(x[:, 0]), whiten @ x[:, 0], 1e-10)
     assert factor.trace() == pytest.approx(float(matrix.trace()), rel=1e-12)
     assert_close(factor.eigenvalues(), torch.linalg.eigvalsh(matrix).flip(0), 1e-10)
 
@@ -69,11 +76,11 @@ def test_low_rank_factor_is_exact_for_its_matrix_and_within_truncation_error_of_
     # against the original: each operation is off by at most the spectral norm of its tail error
     x = operand()
     tail = eigvals[RANK:]
-    for apply, power in ((factor.apply, 1.0), (factor.root_apply, 0.5), (factor.inverse_root_apply, -0.5)):
+    for power in (1.0, 0.5, -0.5):
         exact = torch.linalg.eigh(matrix)
         exact_power = exact.eigenvectors @ torch.diag(exact.eigenvalues**power) @ exact.eigenvectors.T
         bound = float((tail**power - isotropic**power).abs().max())
-        assert float((apply(x) - exact_power @ x).norm()) <= bound * float(x.norm()) * (1 + 1e-9)
+        assert float((factor.power_apply(x, power) - exact_power @ x).norm()) <= bound * float(x.norm()) * (1 + 1e-9)
     bound = float((tail - isotropic).abs().max())
     assert float((factor.quadratic_form(x) - x.T @ matrix @ x).norm()) <= bound * float(x.norm()) ** 2
     assert bound < 0.1 * float(eigvals[0])  # the truncation error is small for this spectrum
@@ -122,19 +129,24 @@ def test_pi_split_damps_the_kronecker_product_by_gamma_times_its_mean_eigenvalue
 def test_a_computed_eigendecomposition_carries_over_to_damped_and_normalised_copies():
     matrix, _ = decaying_spectrum_matrix()
     factor = DenseFactor(matrix)
-    factor.inverse_root_apply(operand())  # computes the eigendecomposition
+    factor.power_apply(operand(), -0.5)  # computes the eigendecomposition
     derived = factor.damped(0.1).normalized()
     x = operand()
     fresh = DenseFactor(derived.dense())
-    assert_close(derived.inverse_root_apply(x), fresh.inverse_root_apply(x), 1e-12)
-    assert_close(derived.root_apply(x), fresh.root_apply(x), 1e-12)
+    assert_close(derived.power_apply(x, -0.5), fresh.power_apply(x, -0.5), 1e-12)
+    assert_close(derived.power_apply(x, 0.5), fresh.power_apply(x, 0.5), 1e-12)
 
 
 def test_a_singular_factor_has_no_inverse_root_until_damped():
-    singular = DiagonalFactor(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64))
+    ones = torch.ones(3, dtype=torch.float64)
+    diagonal = DiagonalFactor(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64))
+    dense = DenseFactor(torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64))
+    for singular in (diagonal, dense):
+        with pytest.raises(ValueError, match="damp it first"):
+            singular.whiten(ones)
+        assert torch.isfinite(singular.damped(1e-3).whiten(ones)).all()
     with pytest.raises(ValueError, match="damp it first"):
-        singular.inverse_root_apply(torch.ones(3, dtype=torch.float64))
-    assert torch.isfinite(singular.damped(1e-3).inverse_root_apply(torch.ones(3, dtype=torch.float64))).all()
+        diagonal.power_apply(ones, -0.5)
 
 
 def test_quadratic_form_is_differentiable():

@@ -10,6 +10,7 @@ from ctrlora.curvature.estimate import estimate_curvature
 from ctrlora.curvature.factors import DenseFactor
 from ctrlora.curvature.result import ModuleCurvature
 from ctrlora.curvature.spectra import whitened_gradient_svd
+from ctrlora.methods.lowrank import DampedPairs
 
 from .helpers import assert_close, collate, lm_batches, sequences, targets_of, tiny_llama
 
@@ -40,15 +41,21 @@ def test_svd_of_the_whitened_gradient_matches_its_definition():
     damped_a = a + damping * a.trace() / a.shape[0] * torch.eye(a.shape[0], dtype=torch.float64)
     damped_g = g + damping * g.trace() / g.shape[0] * torch.eye(g.shape[0], dtype=torch.float64)
     whitened = inverse_sqrt(damped_g) @ curvature.grad @ inverse_sqrt(damped_a)
-    left, values, right = whitened_gradient_svd(curvature, 5, damping)
     exact = torch.linalg.svd(whitened)
+    a, g = curvature.a.damped(damping), curvature.g.damped(damping)
+    # 5 + 19 columns reach d_out = 24: the exact SVD of R_g⁻¹ G R_a⁻ᵀ (Cholesky roots), which has the
+    # singular values of the symmetric whitening and maps back (R_g⁻ᵀ U, R_a⁻ᵀ V) to the same update
+    left, values, right = whitened_gradient_svd(curvature, 5, damping, oversampling=19)
     assert_close(values, exact.S[:5], 1e-10)
+    inverse_root_g, inverse_root_a = inverse_sqrt(damped_g), inverse_sqrt(damped_a)
     assert_close(
-        left @ torch.diag(values) @ right.T, exact.U[:, :5] @ torch.diag(exact.S[:5]) @ exact.Vh[:5], 1e-10
+        g.unwhiten(left) @ torch.diag(values) @ a.unwhiten(right).T,
+        inverse_root_g @ exact.U[:, :5] @ torch.diag(exact.S[:5]) @ exact.Vh[:5] @ inverse_root_a,
+        1e-9,
     )
     assert left.shape == (24, 5) and right.shape == (40, 5)
 
-    randomized = whitened_gradient_svd(curvature, 5, damping, oversampling=5, power_iters=2, exact_max_dim=8)
+    randomized = whitened_gradient_svd(curvature, 5, damping, oversampling=5, power_iters=2)
     assert_close(randomized[1], exact.S[:5], 1e-4)
 
 
@@ -94,3 +101,18 @@ def test_sketch_refuses_a_different_damping():
         whitened_gradient_svd(sketched[target[0]], 2, 1e-3)
     with pytest.raises(ValueError, match="sketch holds rank"):
         whitened_gradient_svd(sketched[target[0]], 99, 1e-2)
+
+
+def test_targets_sharing_a_factor_have_it_damped_and_factorised_once():
+    """q/k/v share S_a: `DampedPairs` hands the same damped copy (and its Cholesky factor) to each,
+    and forgets raw factors beyond its `keep` most recent."""
+    first, second = synthetic_curvature(), synthetic_curvature()
+    second.a = first.a  # shared input factor, separate output factors
+    pairs = DampedPairs(0.1, keep=2)
+    (a1, g1), (a2, g2) = pairs(first), pairs(second)
+    assert a1 is a2 and g1 is not g2
+    assert_close(a1.dense(), first.a.damped(0.1).dense(), 0.0)
+    a1.whiten(torch.ones(40, dtype=torch.float64))
+    assert a2.cholesky() is a1.cholesky()  # computed once
+    pairs(synthetic_curvature())  # two more raw factors push the shared one out
+    assert pairs(first)[0] is not a1
