@@ -8,13 +8,18 @@ PreTrainedModel or a PeftModel, evaluated as it is in memory), one call per dist
 
 Context length: HFLM's window is ``eval.max_length`` or the model's
 ``max_position_embeddings``; longer log-likelihood inputs are cut from the left (the oldest
-few-shot examples go first, with a warning), and generation keeps the last
-``max_length - max_gen_toks`` context tokens. Nothing fails on long few-shot prompts.
+few-shot examples go first), and generation keeps the last ``max_length - max_gen_toks`` context
+tokens. Nothing fails on long few-shot prompts. lm-eval warns once per cut input (a thousand lines
+on the bundled task with tiny-llama's 512 tokens); those warnings are counted instead and reported
+as one line per ``simple_evaluate`` call.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from typing import Any
 
@@ -29,6 +34,10 @@ from ctrlora.evaluation.config import EvalConfig
 from ctrlora.evaluation.tasks import SuiteTasks
 
 Row = dict[str, dict[str, dict[str, float | None]]]  # task -> metric -> {"value", "stderr"}
+
+log = logging.getLogger(__name__)
+HFLM_LOGGER = "lm_eval.models.huggingface"
+TRUNCATION_WARNING = "exceeds model's maximum length"
 
 
 def harness_version() -> str:
@@ -63,14 +72,15 @@ def run_tasks(
     versions: dict[str, Any] = {"lm_eval": harness_version(), "tasks": {}, "num_fewshot": {}, "samples": {}}
     for (limit, batch_size), names in batches.items():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=cfg.max_length)
-        output = simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=manager,
-            limit=limit,
-            log_samples=False,
-            **seed_arguments(cfg.seed),
-        )
+        with truncations_counted(names, lm.max_length):
+            output = simple_evaluate(
+                model=lm,
+                tasks=names,
+                task_manager=manager,
+                limit=limit,
+                log_samples=False,
+                **seed_arguments(cfg.seed),
+            )
         for name in names:
             result = output["results"][name]
             row[name] = select_metrics(name, result, cfg.tasks[name].metrics)
@@ -78,6 +88,32 @@ def run_tasks(
             versions["num_fewshot"][name] = output["n-shot"][name]
             versions["samples"][name] = result["sample_len"]
     return {name: row[name] for name in cfg.tasks}, versions
+
+
+@contextmanager
+def truncations_counted(tasks: list[str], max_length: int) -> Iterator[None]:
+    """Swallow lm-eval's per-input "Truncating ... tokens from the left" warnings; log their count once."""
+    cut = 0
+
+    def count_truncation(record: logging.LogRecord) -> bool:
+        nonlocal cut
+        if TRUNCATION_WARNING in record.getMessage():
+            cut += 1
+            return False
+        return True
+
+    hflm_logger = logging.getLogger(HFLM_LOGGER)
+    hflm_logger.addFilter(count_truncation)
+    try:
+        yield
+    finally:
+        hflm_logger.removeFilter(count_truncation)
+        if cut:
+            log.warning(
+                "%s: %d log-likelihood inputs were longer than the context window (%d tokens) and lost "
+                "their oldest tokens (eval.max_length sets the window)",
+                ", ".join(tasks), cut, max_length,
+            )
 
 
 def limit_value(task_limit: float | None, suite_limit: float | None) -> int | float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,17 @@ def test_a_label_outside_the_choices_names_the_row(tmp_path: Path) -> None:
     cfg = train_config(["eval=local", f"eval.tasks.fortune_topics.local.test={test_file}"], tmp_path)
     with pytest.raises(DataError, match=r"test.jsonl line 2: label='poetry' is not one of the choices"):
         write_task_yamls(cfg.eval, tmp_path)
+
+
+def test_inputs_cut_to_the_context_window_are_reported_once(tiny, tmp_path: Path, caplog) -> None:
+    _, tokenizer, backbone = tiny
+    cfg = train_config(["eval=local", "eval.limit=2", "eval.max_length=16"], tmp_path)
+    with caplog.at_level(logging.WARNING):
+        evaluate_backbone(backbone, tokenizer, cfg.eval, base_model_key="tiny", cache_root=tmp_path)
+
+    assert not [r for r in caplog.records if "Truncating" in r.getMessage()]
+    summaries = [r.getMessage() for r in caplog.records if "longer than the context window" in r.getMessage()]
+    assert summaries == [
+        f"fortune_topics: {2 * len(TOPICS)} log-likelihood inputs were longer than the context window "
+        "(16 tokens) and lost their oldest tokens (eval.max_length sets the window)"
+    ]
