@@ -118,7 +118,6 @@ class CtrLoraMethod(AllocatingMethod):
         lambda0 = settings.lambda0 if settings.trust_region else 0.0
         self.schedule = LambdaSchedule(settings.lambda_schedule, lambda0, total_steps)
         self.penalty: TrustRegionPenalty | None = None
-        self.curvature: CurvatureResult | None = None
         self.layers: dict[str, nn.Module] = {}
         self.anchors: dict[str, tuple[Tensor, Tensor]] = {}
         self.spectra: dict[str, WhitenedSpectrum] = {}
@@ -182,9 +181,7 @@ class CtrLoraMethod(AllocatingMethod):
         self.calibration = calibration
         self.peft_model = self.wrap(model, self.allocated_config(self.ranks), lambda m: self.initialise(m, curvature))
         self.layers = lora_layers(self.peft_model)
-        if curvature is not None:
-            self.curvature = without_gradient(curvature, list(self.layers))
-        self.build_penalty()
+        self.build_penalty(curvature)
         if settings.refresh_source == "training" and self.refreshes_during_training:
             self.training_statistics = TrainingStatistics(  # K-FAC statistics whatever curvature.kind
                 self.peft_model.get_base_model(), list(self.layers), self.curvature_settings("kfac"), settings.reallocate
@@ -230,16 +227,18 @@ class CtrLoraMethod(AllocatingMethod):
 
     # --- the trust region -----------------------------------------------------------------------
 
-    def build_penalty(self) -> None:
-        """Damped, normalised factors (each shared ``a`` once) on the adapters' devices."""
-        if not self.settings.trust_region or self.curvature is None:
+    def build_penalty(self, curvature: CurvatureResult | None) -> None:
+        """The metric of the adapted modules from `curvature`: damped, normalised factors (each shared
+        ``a`` once) on the adapters' devices. Only these are kept in training, not the raw factors
+        (a refresh's raw factors are in its file, for resuming): the metric is the one copy."""
+        if not self.settings.trust_region or curvature is None:
             self.penalty = None
             return
         cfg = self.curvature_settings()
         shared: dict[int, Any] = {}
         metrics = {}
         for name, layer in self.layers.items():
-            raw = self.curvature[name]
+            raw = curvature[name]
             a, g = damped_factors(raw, cfg.damping, cfg.pi_damping)
             device = adapter_parameters(layer)[0].device
             if id(raw.a) not in shared:
@@ -296,15 +295,16 @@ class CtrLoraMethod(AllocatingMethod):
             result = self.estimate_at_current_weights(want_grad=moving)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         changes = self.reallocate_ranks(result, optimizer, step) if moving else {}
-        self.curvature = without_gradient(result, list(self.layers))
-        self.build_penalty()
+        self.build_penalty(result)
         self.refreshes.append({
             "step": step, "source": settings.refresh_source, "seconds": time.perf_counter() - start,
             "tokens": result.report.tokens, "changes": changes,
         })
         self.last_refresh_step = step
         if is_rank_zero():
-            save_refreshed_curvature(self.curvature, self.run_dir / REFRESHED_CURVATURE.format(step=step))
+            save_refreshed_curvature(
+                without_gradient(result, list(self.layers)), self.run_dir / REFRESHED_CURVATURE.format(step=step)
+            )
 
     def estimate_at_current_weights(self, *, want_grad: bool) -> CurvatureResult:
         """The adapted modules' factors on (this rank's shard of) the calibration set, by base-model name.
@@ -398,13 +398,12 @@ class CtrLoraMethod(AllocatingMethod):
                 replace_adapter(layer, name, config, B.new_zeros(B.shape[0], rank), A.new_zeros(rank, A.shape[1]),
                                 self.alpha_for(rank))
                 self.ranks[name] = rank
-        if state["curvature_file"] is not None:
-            self.curvature = load_refreshed_curvature(self.run_dir / state["curvature_file"])
+        if state["curvature_file"] is not None:  # ranks only change at refreshes: no file, no change
+            self.build_penalty(load_refreshed_curvature(self.run_dir / state["curvature_file"]))
         self.refreshes, self.history = list(state["refreshes"]), list(state["history"])
         self.last_refresh_step = state["last_refresh_step"]
         resumed = [{**report, "label": f"{report['label']} (resume)"} for report in self.curvature_reports]
         self.curvature_reports = list(state["curvature_reports"]) + resumed
         if state["training_statistics"] is not None and self.training_statistics is not None:
             self.training_statistics.load_state_dict(state["training_statistics"])
-        self.build_penalty()
         self.update_record()

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from ctrlora.allocation import allocate_ranks, allocation_params
+from ctrlora.curvature.factors import DenseFactor
 from ctrlora.errors import ConfigError
 from ctrlora.methods.adapter_resize import grown_factors, replace_adapter, shrunk_factors
 from ctrlora.methods.allocating import lora_layers
 from ctrlora.methods.base import build_method
-from ctrlora.methods.lowrank import damped_factors
 
 from .curvature_method_helpers import (
     dense_curvature,
@@ -161,9 +161,8 @@ def test_shrinking_keeps_the_best_approximation_in_the_curvature_metric(tmp_path
     U, S, Vh = torch.linalg.svd(g_half @ delta @ a_half)
     expected = torch.linalg.solve(g_half, U[:, :2] @ torch.diag(S[:2]) @ Vh[:2]) @ torch.linalg.inv(a_half)
 
-    factors = damped_factors(method.curvature[name], cfg.curvature.damping)
     new_alpha = method.alpha_for(2)
-    shrunk_b, shrunk_a = shrunk_factors(layer, 2, new_alpha, *factors)
+    shrunk_b, shrunk_a = shrunk_factors(layer, 2, new_alpha, DenseFactor(dense["a"]), DenseFactor(dense["g"]))
     assert relative_error(new_alpha / 2 * shrunk_b @ shrunk_a, expected) < 1e-9
     gram_b, gram_a = shrunk_b.T @ shrunk_b, shrunk_a @ shrunk_a.T
     assert relative_error(gram_b, gram_a) < 1e-9  # balanced

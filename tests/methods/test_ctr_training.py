@@ -17,6 +17,8 @@ from test_run import StopAtStep
 from ctrlora import report
 from ctrlora.curvature.estimate import estimate_curvature
 from ctrlora.methods.cg_lora import mean_token_loss
+from ctrlora.methods.ctr_refresh import REFRESHED_CURVATURE, load_refreshed_curvature
+from ctrlora.methods.lowrank import damped_factors
 from ctrlora.run import assemble, train
 from ctrlora.trust_region import LambdaSchedule
 
@@ -31,36 +33,51 @@ from .curvature_method_helpers import (
 REFRESH = ["method.ctr.refresh_every=5"]
 
 
-class FreshEstimateAt(L.Callback):
-    """After the method's refresh at `step`, estimate the curvature afresh at the same weights."""
+def metric_factors(method) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The penalty's (S_a, S_g) per module, dense copies."""
+    return {name: (m.s_a.dense().clone(), m.s_g.dense().clone()) for name, m in method.penalty.metrics.items()}
 
-    def __init__(self, step: int, calibration, cfg) -> None:
-        self.step, self.calibration, self.cfg = step, calibration, cfg
-        self.fresh = None
-        self.used = None
+
+def expected_metric(raw, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S_a, S_g) of the metric built from raw factors: damped, then normalised to unit mean eigenvalue."""
+    a, g = damped_factors(raw, cfg.damping, cfg.pi_damping)
+    return a.normalized().dense(), g.normalized().dense()
+
+
+class FreshEstimateAt(L.Callback):
+    """After the method's refresh at `step`: the metric in use, the refresh's file, and a fresh estimate
+    at the same weights."""
+
+    def __init__(self, step: int, calibration, cfg, run_dir: Path) -> None:
+        self.step, self.calibration, self.cfg, self.run_dir = step, calibration, cfg, run_dir
+        self.fresh = self.used = self.saved = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         if trainer.global_step == self.step and self.fresh is None:
-            method = pl_module.method
-            self.used = {name: (c.a.dense().clone(), c.g.dense().clone()) for name, c in method.curvature.modules.items()}
+            self.used = metric_factors(pl_module.method)
+            self.saved = load_refreshed_curvature(self.run_dir / REFRESHED_CURVATURE.format(step=self.step))
             model = pl_module.model.get_base_model()
             self.fresh = estimate_curvature(model, self.calibration, list(self.used), self.cfg, progress=False)
 
 
 def test_refreshes_happen_at_the_refresh_steps_with_fresh_estimates_and_lambda_follows_its_schedule(tmp_path: Path) -> None:
     run = build_run(tmp_path, "ctrlora", *REFRESH)
-    probe = FreshEstimateAt(10, run.datamodule.calibration_dataloader(), run.method.curvature_settings())
+    cfg = run.method.curvature_settings()
+    probe = FreshEstimateAt(10, run.datamodule.calibration_dataloader(), cfg, tmp_path)
     run.trainer.callbacks.append(probe)
-    initial = {name: c.g.dense().clone() for name, c in run.method.curvature.modules.items()}
+    initial = metric_factors(run.method)
     batch = next(iter(run.datamodule.calibration_dataloader()))
     before = mean_token_loss(run.model, [batch])
     run.trainer.fit(run.module, datamodule=run.datamodule)
 
     assert [refresh["step"] for refresh in run.method.refreshes] == [5, 10, 15]
     for name, (a, g) in probe.used.items():
-        assert relative_error(a, probe.fresh[name].a.dense()) < 1e-6, name
-        assert relative_error(g, probe.fresh[name].g.dense()) < 1e-6, name
-        assert relative_error(g, initial[name]) > 0.1, name  # not the step-0 factors: the weights moved
+        fresh_a, fresh_g = expected_metric(probe.fresh[name], cfg)
+        assert relative_error(a, fresh_a) < 1e-6, name
+        assert relative_error(g, fresh_g) < 1e-6, name
+        assert relative_error(g, initial[name][1]) > 0.1, name  # not the step-0 factors: the weights moved
+        assert relative_error(probe.saved[name].a.dense(), probe.fresh[name].a.dense()) < 1e-6, name  # for resuming
+        assert relative_error(probe.saved[name].g.dense(), probe.fresh[name].g.dense()) < 1e-6, name
     assert [r["label"] for r in run.method.curvature_reports] == ["initial", "refresh", "refresh", "refresh"]
 
     schedule = LambdaSchedule("cosine", 0.1, 20)
@@ -122,11 +139,16 @@ def test_training_source_accumulates_the_kfac_factors_of_the_batches_before_the_
             previous = sums.get(name, [0, 0])
             a_weight = int(batch["attention_mask"].sum())
             sums[name] = [previous[0] + a_weight * a, previous[1] + estimate.report.tokens * g]
+    saved = load_refreshed_curvature(tmp_path / REFRESHED_CURVATURE.format(step=5))
+    cfg = run.method.curvature_settings()
     for name in names:
-        used = run.method.curvature[name]
-        assert used.tokens == total
-        assert relative_error(used.a.dense(), sums[name][0] / positions) < 1e-5, name
-        assert relative_error(used.g.dense(), sums[name][1] / total) < 1e-5, name
+        assert saved[name].tokens == total
+        assert relative_error(saved[name].a.dense(), sums[name][0] / positions) < 1e-5, name
+        assert relative_error(saved[name].g.dense(), sums[name][1] / total) < 1e-5, name
+        used_a, used_g = metric_factors(run.method)[name]
+        expected_a, expected_g = expected_metric(saved[name], cfg)
+        assert relative_error(used_a, expected_a) < 1e-6, name
+        assert relative_error(used_g, expected_g) < 1e-6, name
 
 
 def test_without_allocation_and_trust_region_ctrlora_trains_exactly_like_lora(tmp_path: Path) -> None:
