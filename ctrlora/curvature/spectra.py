@@ -6,8 +6,8 @@ differs from the symmetric ``S_g^{-1/2} G S_a^{-1/2}`` of METHODS by orthogonal 
 so its singular values σ_k — CTR-LoRA's rank utilities ``½ σ_k²`` — are the same, and singular
 vectors mapped back with `Factor.unwhiten` give the same updates (CG-LoRA's initial step).
 `whitened_gradient_svd` returns the top ones from a dense G (randomized SVD with power
-iterations, exact when the sketch would cover the smaller side anyway) or from a
-`WhitenedGradientSketch`.
+iterations, exact when the sketch would cover the smaller side anyway or the caller asks for it
+up to a size, as CG-LoRA does) or from a `WhitenedGradientSketch`.
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ def whitened_gradient_svd(
     *,
     pi_split: bool = False,
     damped: tuple[Factor, Factor] | None = None,
+    exact_max_dim: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-`rank` singular triplets of the whitened gradient ``G̃ ≈ U diag(S) Vᵀ`` (module docstring).
 
     U is d_out x rank, S descending, V is d_in x rank. With a dense G: a randomized SVD (`rank` +
     `oversampling` columns, `power_iters`, `seed`; METHODS §6.1), or the exact one when that many
-    columns reach the smaller dimension. `damped`: the pair ``damped_pair(a, g, damping, pi_split)``
+    columns reach the smaller dimension or both dimensions are ≤ `exact_max_dim` (METHODS §5). `damped`: the pair ``damped_pair(a, g, damping, pi_split)``
     when the caller already holds it (so a factor shared by several targets is factorised once).
     With only a sketch, the sketch's damping must equal `damping` (it was whitened at estimation).
     """
@@ -68,7 +69,7 @@ def whitened_gradient_svd(
         whitened = whitened_gradient(curvature.grad, a, g)
         if rank > min(whitened.shape):
             raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(whitened.shape)}")
-        if rank + oversampling >= min(whitened.shape):
+        if rank + oversampling >= min(whitened.shape) or max(whitened.shape) <= exact_max_dim:
             left, values, right_t = torch.linalg.svd(whitened, full_matrices=False)
             return left[:, :rank], values[:rank], right_t[:rank].T
         return randomized_svd(whitened, rank, oversampling, power_iters, seed)

@@ -12,6 +12,7 @@ out of the estimate) and keeps the best. ``cg.shift: false`` keeps W (the model 
 ΔW₀); ``true`` subtracts ``s B₀A₀`` from W so the initial function is the pretrained one, and the
 export converts the adapter back to a delta on the original base (PEFT's PiSSA conversion).
 Ranks: r̄ everywhere, or ``cg.allocate: greedy`` on ``½σ²`` of T (CTR-LoRA's allocator).
+The top-r SVD of T is exact for targets with m, n ≤ 4096, randomized for wider ones (METHODS §5).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ctrlora.methods.base import register_method
 from ctrlora.methods.lowrank import DampedPairs, WhitenedSpectrum, curvature_step_factors, whitened_spectra
 
 log = logging.getLogger(__name__)
+EXACT_SVD_MAX_DIM = 4096  # METHODS §5: the top-r SVD of T is exact when m, n ≤ 4096, randomized beyond
 
 
 @torch.no_grad()
@@ -109,7 +111,8 @@ class CgLoraMethod(AllocatingMethod):
         curvature = self.estimate(model, estimate_batches, names, cfg, want_grad=True, sketch_rank=r_max, cache_key=key)
         ranks = {name: min(r_max, *self.shapes[name]) for name in names}
         spectra = whitened_spectra(
-            curvature.modules, ranks, damping=cfg.damping, pi_split=cfg.pi_damping, seed=cfg.seed
+            curvature.modules, ranks, damping=cfg.damping, pi_split=cfg.pi_damping, seed=cfg.seed,
+            exact_max_dim=EXACT_SVD_MAX_DIM,
         )
         self.ranks = self.allocate(spectra, r_max)
         steps = self.unit_steps(curvature, spectra)

@@ -78,14 +78,16 @@ def whitened_spectra(
     oversampling: int = 10,
     power_iters: int = 2,
     seed: int = 0,
+    exact_max_dim: int = 0,
 ) -> dict[str, WhitenedSpectrum]:
-    """The top-``ranks[name]`` SVD of each target's whitened gradient (randomized, METHODS §6.1)."""
+    """The top-``ranks[name]`` SVD of each target's whitened gradient: randomized (METHODS §6.1), exact
+    for targets whose dimensions are both ≤ `exact_max_dim` (`whitened_gradient_svd`)."""
     pairs = DampedPairs(damping, pi_split)
     spectra = {}
     for name, rank in ranks.items():
         left, values, right = whitened_gradient_svd(
             curvature[name], rank, damping, oversampling, power_iters, seed,
-            pi_split=pi_split, damped=pairs(curvature[name]),
+            pi_split=pi_split, damped=pairs(curvature[name]), exact_max_dim=exact_max_dim,
         )
         spectra[name] = WhitenedSpectrum(left, values, right)
     return spectra

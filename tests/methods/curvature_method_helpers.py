@@ -29,11 +29,12 @@ def build_run(tmp_path: Path, method: str, *extra: str) -> RunParts:
     return assemble(train_config(tmp_path, method, *extra), tmp_path)
 
 
-def tiny_fp64_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_fp64_llama(seed: int = 0, hidden_size: int = 12, intermediate_size: int = 20) -> LlamaForCausalLM:
     """A 2-layer Llama in fp64 with unequal projection shapes (GQA: k/v are narrower than q)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=40, hidden_size=12, intermediate_size=20, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=40, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, attn_implementation="sdpa",
         initializer_range=0.3,
     )

@@ -28,10 +28,10 @@ from .curvature_method_helpers import (
 )
 
 
-def closed_form_steps(cfg, rank: int, eta: float) -> tuple[dict[str, torch.Tensor], float]:
+def closed_form_steps(cfg, rank: int, eta: float, **widths: int) -> tuple[dict[str, torch.Tensor], float]:
     """``ΔW₀ = η S_g^{-1/2} [T]_r S_a^{-1/2}``, ``T = −S_g^{-1/2} G S_a^{-1/2}`` densely, and the
-    quadratic model's change ``(−η + η²/2) Σ σ²`` summed over the targets."""
-    model, batches = tiny_fp64_llama(), full_label_batches()
+    quadratic model's change ``(−η + η²/2) Σ σ²`` summed over the targets (`widths`: of the model)."""
+    model, batches = tiny_fp64_llama(**widths), full_label_batches()
     steps, squared = {}, 0.0
     for name, dense in dense_curvature(model, batches, target_names(model), cfg.curvature).items():
         g_root, a_root = matrix_power(dense["g"], -0.5), matrix_power(dense["a"], -0.5)
@@ -53,6 +53,21 @@ def test_initial_update_is_the_closed_form_with_balanced_factors(tmp_path: Path)
         gram_b, gram_a = B.T @ B, A @ A.T
         assert relative_error(gram_b, gram_a) < 1e-5, name  # balanced: BᵀB = AAᵀ ...
         assert relative_error(gram_b, torch.diag(gram_b.diagonal())) < 1e-5, name  # ... and diagonal
+
+
+def test_the_svd_is_exact_where_a_randomized_one_would_not_be(tmp_path: Path) -> None:
+    """METHODS §5: exact top-r SVD for m, n ≤ 4096. Here every target is wider than the 2 + 10 columns of
+    the randomized SVD that CTR-LoRA's allocation uses, and the update still matches the closed form."""
+    widths = {"hidden_size": 32, "intermediate_size": 48}  # k/v: 16 × 32
+    cfg = train_config(tmp_path, "cg_lora", "budget.rank=2", "method.cg.eta=1")
+    peft_model = build_method(cfg, total_steps=20, run_dir=tmp_path).prepare(
+        tiny_fp64_llama(**widths), full_label_batches()
+    )
+    expected, _ = closed_form_steps(cfg, rank=2, eta=1.0, **widths)
+    for name, layer in lora_layers(peft_model).items():
+        assert min(expected[name].shape) > 2 + 10, name
+        B, A = layer.lora_B["default"].weight.double(), layer.lora_A["default"].weight.double()
+        assert relative_error(layer.scaling["default"] * B @ A, expected[name]) < 1e-5, name
 
 
 def test_first_step_change_in_loss_follows_the_quadratic_model(tmp_path: Path) -> None:
