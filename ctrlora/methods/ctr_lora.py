@@ -390,15 +390,20 @@ class CtrLoraMethod(AllocatingMethod):
         """Restore after `prepare`, before the checkpoint's weights load (so shapes are resized first)."""
         if not state:
             return
+        changed = {name: rank for name, rank in state["ranks"].items() if rank != self.ranks[name]}
+        if changed and state["curvature_file"] is None:
+            raise ConfigError(
+                f"the checkpoint's ranks differ from this run's step-0 allocation ({sorted(changed)[:3]}...) though"
+                " no refresh re-allocated them: it was calibrated differently (calibration.*, curvature.*, budget.*)"
+            )
         config = self.peft_model.peft_config[ADAPTER]
-        for name, rank in state["ranks"].items():
-            if rank != self.ranks[name]:
-                layer = self.layers[name]
-                B, A = adapter_parameters(layer)
-                replace_adapter(layer, name, config, B.new_zeros(B.shape[0], rank), A.new_zeros(rank, A.shape[1]),
-                                self.alpha_for(rank))
-                self.ranks[name] = rank
-        if state["curvature_file"] is not None:  # ranks only change at refreshes: no file, no change
+        for name, rank in changed.items():
+            layer = self.layers[name]
+            B, A = adapter_parameters(layer)
+            replace_adapter(layer, name, config, B.new_zeros(B.shape[0], rank), A.new_zeros(rank, A.shape[1]),
+                            self.alpha_for(rank))
+            self.ranks[name] = rank
+        if state["curvature_file"] is not None and self.settings.trust_region:  # the metric of the last refresh
             self.build_penalty(load_refreshed_curvature(self.run_dir / state["curvature_file"]))
         self.refreshes, self.history = list(state["refreshes"]), list(state["history"])
         self.last_refresh_step = state["last_refresh_step"]

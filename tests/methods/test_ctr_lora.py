@@ -226,3 +226,12 @@ def test_the_estimate_cache_tells_a_held_out_split_from_the_whole_calibration_se
         reports.append(built.curvature_reports[0])
     assert [report["cached"] for report in reports] == [False, True, False]  # CG estimates on 2 of the 3 batches
     assert reports[2]["tokens"] == 2 / 3 * reports[0]["tokens"]
+
+
+def test_a_checkpoint_whose_ranks_no_refresh_explains_is_refused(tmp_path: Path) -> None:
+    _, method, _ = prepared(tmp_path)
+    state = method.state_dict()
+    name = next(iter(method.layers))
+    state["ranks"][name] += 1
+    with pytest.raises(ConfigError, match="differ from this run's step-0 allocation"):
+        method.load_state_dict(state)
