@@ -58,8 +58,9 @@ def whitened_gradient_svd(
 
     U is d_out x rank, S descending, V is d_in x rank. With a dense G: a randomized SVD (`rank` +
     `oversampling` columns, `power_iters`, `seed`; METHODS §6.1), or the exact one when that many
-    columns reach the smaller dimension or both dimensions are ≤ `exact_max_dim` (METHODS §5). `damped`: the pair ``damped_pair(a, g, damping, pi_split)``
-    when the caller already holds it (so a factor shared by several targets is factorised once).
+    columns reach the smaller dimension or both dimensions are ≤ `exact_max_dim` (METHODS §5).
+    `damped`: the pair ``damped_pair(a, g, damping, pi_split)`` when the caller already holds it (so a
+    factor shared by several targets is factorised once).
     With only a sketch, the sketch's damping must equal `damping` (it was whitened at estimation).
     """
     if curvature.grad is not None:

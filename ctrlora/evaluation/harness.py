@@ -36,7 +36,6 @@ from ctrlora.evaluation.tasks import SuiteTasks
 Row = dict[str, dict[str, dict[str, float | None]]]  # task -> metric -> {"value", "stderr"}
 
 log = logging.getLogger(__name__)
-HFLM_LOGGER = "lm_eval.models.huggingface"
 TRUNCATION_WARNING = "exceeds model's maximum length"
 
 
@@ -102,7 +101,7 @@ def truncations_counted(tasks: list[str], max_length: int) -> Iterator[None]:
             return False
         return True
 
-    hflm_logger = logging.getLogger(HFLM_LOGGER)
+    hflm_logger = logging.getLogger(HFLM.__module__)  # the logger lm-eval's HFLM warns on
     hflm_logger.addFilter(count_truncation)
     try:
         yield

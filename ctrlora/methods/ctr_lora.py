@@ -89,7 +89,7 @@ def composed_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def without_gradient(curvature: CurvatureResult, names: list[str]) -> CurvatureResult:
-    """The factors of `names` only (what the penalty needs; a shared ``a`` stays shared)."""
+    """The factors of `names` only (what a refresh file keeps; a shared ``a`` stays shared)."""
     return CurvatureResult(
         {name: replace(curvature[name], grad=None, grad_sketch=None) for name in names}, curvature.report
     )
@@ -235,11 +235,12 @@ class CtrLoraMethod(AllocatingMethod):
             self.penalty = None
             return
         cfg = self.curvature_settings()
+        pairs = DampedPairs(cfg.damping, cfg.pi_damping)  # a shared ``a`` is damped once
         shared: dict[int, Any] = {}
         metrics = {}
         for name, layer in self.layers.items():
             raw = curvature[name]
-            a, g = damped_factors(raw, cfg.damping, cfg.pi_damping)
+            a, g = pairs(raw)
             device = adapter_parameters(layer)[0].device
             if id(raw.a) not in shared:
                 shared[id(raw.a)] = a.normalized().to(device)

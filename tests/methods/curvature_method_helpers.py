@@ -34,8 +34,7 @@ def tiny_fp64_llama(seed: int = 0, hidden_size: int = 12, intermediate_size: int
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=40, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, attn_implementation="sdpa",
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, attn_implementation="sdpa",
         initializer_range=0.3,
     )
     return LlamaForCausalLM(config).double().eval()
