@@ -173,6 +173,10 @@ class CalibrationConfig:
     num_samples: int = 64
     batch_size: int = 8
     seed: int = 0
+    # A fresh head (model.modules_to_save) trained alone this many steps before calibration, for every
+    # method; null: HEAD_WARMUP_STEPS for a model with a fresh head, 0 otherwise (ctrlora/head_warmup.py).
+    head_warmup_steps: int | None = None
+    head_warmup_lr: float = 1e-3
 
 
 @dataclass
@@ -210,6 +214,17 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0")
     if cfg.trainer.checkpoint_every_n_steps <= 0:
         raise ConfigError(f"trainer.checkpoint_every_n_steps={cfg.trainer.checkpoint_every_n_steps} must be > 0")
+    warmup = cfg.calibration
+    if (warmup.head_warmup_steps or 0) < 0 or not warmup.head_warmup_lr > 0:
+        raise ConfigError(
+            f"calibration.head_warmup_steps={warmup.head_warmup_steps} must be >= 0 (or null) and"
+            f" calibration.head_warmup_lr={warmup.head_warmup_lr} > 0"
+        )
+    if (warmup.head_warmup_steps or 0) > 0 and not cfg.model.modules_to_save:
+        raise ConfigError(
+            f"calibration.head_warmup_steps={warmup.head_warmup_steps} trains a fresh head, but model={cfg.model.name}"
+            " has none (model.modules_to_save is empty); set calibration.head_warmup_steps=0"
+        )
     if (cfg.budget.ratio is None) == (cfg.budget.rank is None):
         raise ConfigError(
             f"set exactly one of budget.ratio and budget.rank (got ratio={cfg.budget.ratio},"

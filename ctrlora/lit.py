@@ -1,7 +1,8 @@
 """The LightningModule that fine-tunes a PEFT model, and the callback that measures the run.
 
 Loss = the model's own loss (labels passed through, so PEFT adds AdaLoRA's regulariser) plus the
-method's extra term (CTR-LoRA's trust region). AdamW on the method's parameter groups, linear
+method's extra term (CTR-LoRA's trust region); besides the loss ratio, the ratio of the extra
+term's gradient norm to the task gradient's on the parameters it reaches is logged every step. AdamW on the method's parameter groups, linear
 warm-up over `warmup_ratio` of the steps, then cosine decay to zero. Checkpoints hold only the
 trainable weights, the optimizer and scheduler, the method's state and the RNG states — never the
 frozen base weights.
@@ -43,6 +44,7 @@ class FinetuneModule(L.LightningModule):
         self.model.train()  # from_pretrained leaves the backbone in eval mode (dropout off)
         self.resumed_from_step = 0
         self.step_losses: list[Tensor] = []  # task losses of the optimizer step in progress, checked at it
+        self.extra_grads: list[tuple[Tensor, Tensor]] = []  # (parameter, the extra term's gradient on it)
 
     def configure_model(self) -> None:
         """Under `trainer=fsdp` (a device mesh exists): shard with FSDP2 (ctrlora.fsdp); else nothing."""
@@ -103,6 +105,7 @@ class FinetuneModule(L.LightningModule):
             return task_loss
         self.log("train/extra_loss", extra)
         self.log("train/extra_to_task", extra.detach() / task_loss.detach().clamp_min(1e-12))
+        self.extra_grads = extra_gradients(extra, self.model)  # its share of the step, logged with the grads
         return task_loss + extra
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -120,6 +123,9 @@ class FinetuneModule(L.LightningModule):
         losses, self.step_losses = self.step_losses, []
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         bad_losses, bad_grads = self.nonfinite_counts(losses, grads)
+        if self.extra_grads:
+            self.log("train/extra_to_task_grad", gradient_norm_ratio(self.extra_grads))
+            self.extra_grads = []
         if bad_losses:
             values = ", ".join(str(float(loss)) for loss in losses)
             raise NonFiniteLossError(
@@ -143,6 +149,31 @@ class FinetuneModule(L.LightningModule):
         self.resumed_from_step = checkpoint["global_step"]
         self.method.load_state_dict(checkpoint.get("method_state", {}))
         set_rng_states(checkpoint["rng_states"])
+
+
+def extra_gradients(extra: Tensor, model: torch.nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """``(p, ∂extra/∂p)`` for the trainable parameters the extra term reaches (the adapters).
+
+    Autograd runs through the extra term's own graph only (for the trust region: r×r Gram products),
+    not through the model; the graph is kept for the step's backward.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(extra, params, retain_graph=True, allow_unused=True)
+    return [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+
+
+def gradient_norm_ratio(extra_grads: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``‖∇extra‖ / ‖∇task‖`` on the parameters the extra term reaches, at the optimizer step.
+
+    The accumulated ``p.grad`` is ``∇task + ∇extra`` (the extra term is the same in every micro-batch
+    of a step, so accumulation's averaging keeps it once); a loss ratio can look small while the
+    penalty's gradient dominates the step, which this ratio shows. A tensor: logging needs no sync.
+    """
+    extra = [g for _, g in extra_grads]
+    task = [p.grad - g for p, g in extra_grads]
+    norms = [torch.nn.utils.get_total_norm(tensors) for tensors in (extra, task)]
+    extra_norm, task_norm = (n.full_tensor() if isinstance(n, DTensor) else n for n in norms)
+    return extra_norm / task_norm.clamp_min(1e-30)
 
 
 def rng_states() -> dict[str, Any]:
@@ -181,6 +212,7 @@ class RunStats(L.Callback):
         self._elapsed = 0.0
         self._start = 0.0
         self._seen_step = 0
+        self.head_warmup: dict[str, Any] | None = None  # set when the run warmed its head up before calibration
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen_step = trainer.global_step  # non-zero when resumed
@@ -227,6 +259,7 @@ class RunStats(L.Callback):
             },
             "peak_memory_bytes": peak_memory_bytes(),
             "final_loss": self.losses[-1] if self.losses else None,
+            "head_warmup": self.head_warmup,
         }
 
 

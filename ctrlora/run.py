@@ -28,6 +28,7 @@ from ctrlora.evaluation.base_row import backbone_key
 from ctrlora.evaluation.classification import classifier_eval_section
 from ctrlora.evaluation.suite import evaluate_model
 from ctrlora.fsdp import evaluation_model, gather_adapter_state
+from ctrlora.head_warmup import head_warmup_steps, warm_up_head
 from ctrlora.lit import FinetuneModule, RunStats
 from ctrlora.methods.base import Method, build_method
 from ctrlora.ranks import adopt_submitit_ranks, is_rank_zero
@@ -81,21 +82,30 @@ class AdapterSetup(L.Callback):
     one model.
     """
 
-    def __init__(self, method: Method, datamodule: FinetuneDataModule, seed: int) -> None:
-        self.method, self.datamodule, self.seed = method, datamodule, seed
+    def __init__(self, method: Method, datamodule: FinetuneDataModule, cfg: TrainConfig, stats: RunStats) -> None:
+        self.method, self.datamodule, self.cfg, self.stats = method, datamodule, cfg, stats
         self.prepared = False
 
     def prepare(
         self, backbone: PreTrainedModel, trainer: L.Trainer, world_size: int = 1, rank: int = 0
     ) -> nn.Module:
         """`method.prepare` on the training device with calibration shard `rank` of `world_size`, from the
-        run's seed whatever ran before (so one process and every rank draw the same initial adapters)."""
-        L.seed_everything(self.seed, workers=True, verbose=False)
+        run's seed whatever ran before (so one process and every rank draw the same initial adapters).
+        First, with ``calibration.head_warmup_steps``, the fresh head is trained alone on the whole
+        calibration set (every rank alike), whatever the method."""
+        L.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        backbone = backbone.to(trainer.strategy.root_device)
+        head = list(self.cfg.model.modules_to_save)
+        steps = head_warmup_steps(self.cfg.calibration.head_warmup_steps, head)
+        if steps > 0:
+            self.stats.head_warmup = warm_up_head(
+                backbone, self.datamodule.calibration_dataloader(1, 0), head, steps, self.cfg.calibration.head_warmup_lr
+            )
         calibration = None
         if self.method.needs_calibration:
             calibration = self.datamodule.calibration_dataloader(world_size, rank)
         self.prepared = True
-        return self.method.prepare(backbone.to(trainer.strategy.root_device), calibration)
+        return self.method.prepare(backbone, calibration)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.prepared:
@@ -159,7 +169,8 @@ def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
     )
     total_steps = cfg.trainer.max_steps
     method = build_method(cfg, total_steps=total_steps, run_dir=run_dir)
-    adapters, stats = AdapterSetup(method, datamodule, cfg.seed), RunStats()
+    stats = RunStats()
+    adapters = AdapterSetup(method, datamodule, cfg, stats)
     loggers = build_loggers(cfg.logger, run_dir, report.run_name(cfg), asdict(cfg))
     trainer = build_trainer(cfg.trainer, loggers, [adapters, stats, *method.callbacks()], run_dir)
     in_fit = trainer.world_size > 1 and method.shards_calibration

@@ -1,8 +1,11 @@
 """CTR-LoRA's trust region: a curvature-metric penalty on the adapter update (METHODS §6.2).
 
-The training loss is ``L_task + λ(t) Σ_l ‖s_l B_l A_l‖²_{M_l}`` with the Kronecker metric
-``M_l = S_g ⊗ S_a`` of module l, ``‖X‖²_M = tr(Xᵀ S_g X S_a)``. It is a soft penalty on the whole
-adapter update (the displacement from the pretrained weight), annealed to 0 over training.
+The training loss is ``L_task + λ(t) · ½ Σ_l ‖s_l B_l A_l‖²_{M_l}`` with the Kronecker metric
+``M_l = S_g ⊗ S_a`` of module l, ``‖X‖²_M = tr(Xᵀ S_g X S_a)``. With the damped raw K-FAC factors
+(scaled to the training loss's units, `ctr_lora`) ``½‖ΔW‖²_M`` is the K-FAC quadratic model of the
+training loss — for the Fisher, the second-order KL from the base model — so λ is dimensionless.
+It is a soft penalty on the whole adapter update (the displacement from the pretrained weight),
+annealed to 0 over training.
 
 PEFT layout: a LoRA-wrapped ``nn.Linear`` (``W ∈ R^{m×n}``, m = out_features, n = in_features)
 holds ``lora_A[adapter].weight`` of shape ``(r, n)`` = A and ``lora_B[adapter].weight`` of shape
@@ -124,7 +127,7 @@ class ModuleMetric:
 
 
 class TrustRegionPenalty:
-    """``Σ_l ‖s_l B_l A_l‖²_{M_l}`` over the adapted modules (without λ: multiply by λ(t)).
+    """``½ Σ_l ‖s_l B_l A_l‖²_{M_l}`` over the adapted modules (without λ: multiply by λ(t)).
 
     ``metrics`` maps module names to their ``ModuleMetric``; ``update`` swaps in refreshed factors
     (METHODS §6.3). Calling it with ``{name: (B, A)}`` sums ``kronecker_penalty`` over exactly the
@@ -151,7 +154,7 @@ class TrustRegionPenalty:
             kronecker_penalty(*adapters[name], metric.scaling, metric.s_g, metric.s_a)
             for name, metric in self.metrics.items()
         ]
-        return torch.stack(terms).sum()
+        return 0.5 * torch.stack(terms).sum()
 
 
 def peft_lora_weights(model: nn.Module, adapter: str = "default") -> dict[str, tuple[Tensor, Tensor]]:

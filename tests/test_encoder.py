@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from conftest import FAST, compose_config
 
 from ctrlora.run import train
@@ -24,3 +25,29 @@ def test_encoder_run_reports_accuracy_macro_f1_and_mcc(tmp_path: Path) -> None:
     assert budget["target_params"] == 8 * 6 * (4 * (384 + 384) + (384 + 1536) + (1536 + 384))
     assert budget["trainable_params"] == budget["target_params"] + 384 * 8 + 8
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_head_warmup_trains_the_fresh_head_alone_before_calibration(tmp_path: Path) -> None:
+    """The warm-up lowers the calibration loss through the head only; the encoder and the adapters are
+    untouched and the warmed head is where the adapted model's head starts (PEFT copies it into
+    modules_to_save). Every method gets it, LoRA too: the comparison stays fair."""
+    from omegaconf import OmegaConf
+
+    from ctrlora.run import assemble
+
+    overrides = ["model=minilm-l6", "method=lora", f"run_dir={tmp_path}", *FAST, "calibration.num_samples=16"]
+    cold = assemble(OmegaConf.to_object(compose_config([*overrides, "calibration.head_warmup_steps=0"])), tmp_path)
+    warm = assemble(OmegaConf.to_object(compose_config([*overrides, "calibration.head_warmup_steps=6"])), tmp_path)
+    report = warm.stats.head_warmup
+    assert cold.stats.head_warmup is None and report["steps"] == 6 and report["loss_last"] < report["loss_first"]
+    cold_params, warm_params = dict(cold.model.named_parameters()), dict(warm.model.named_parameters())
+    changed = {name for name, param in warm_params.items() if not torch.equal(param, cold_params[name])}
+    assert changed and all("classifier" in name for name in changed)  # the head alone (and both its copies)
+    assert warm.stats.summary()["head_warmup"] == report
+
+
+def test_head_warmup_defaults_to_a_fixed_count_with_a_fresh_head_and_none_without() -> None:
+    from ctrlora.head_warmup import HEAD_WARMUP_STEPS, head_warmup_steps
+
+    assert head_warmup_steps(None, ["classifier"]) == HEAD_WARMUP_STEPS > 0
+    assert head_warmup_steps(None, []) == 0 and head_warmup_steps(7, ["classifier"]) == 7

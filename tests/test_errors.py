@@ -78,3 +78,9 @@ def test_finished_run_is_not_overwritten_silently(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match=r"already holds a finished run.*overwrite=true"):
         train(compose_config([f"run_dir={tmp_path}", *FAST]))
     assert results.read_text() == '{"run": {"method": "lora"}}'
+
+
+def test_head_warmup_without_a_fresh_head_is_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"calibration.head_warmup_steps=5 trains a fresh head, but model=tiny-llama"):
+        train(compose_config([f"run_dir={tmp_path}", *FAST, "calibration.head_warmup_steps=5"]))
+    assert not any(tmp_path.iterdir())

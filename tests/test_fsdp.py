@@ -92,9 +92,9 @@ def assert_trains_like_one_process(single_dir: Path, fsdp_dir: Path, steps: int)
     expected = load_file(single_dir / "adapter" / "adapter_model.safetensors")
     adapter = load_file(fsdp_dir / "adapter" / "adapter_model.safetensors")
     assert adapter.keys() == expected.keys()
-    for key in expected:
+    for key in expected:  # fp32 sums in another order; Adam's g/√v magnifies them where g is near 0
         assert adapter[key].shape == expected[key].shape
-        assert torch.allclose(adapter[key], expected[key], atol=1e-6), key
+        assert torch.allclose(adapter[key], expected[key], atol=1e-5), key
     assert adapter_config(fsdp_dir) == adapter_config(single_dir)
     assert outputs(fsdp_dir) == outputs(single_dir)
     return adapter

@@ -29,7 +29,6 @@ class CurvatureConfig:
     matrix: str = "hessian"  # hutchinson: hessian | ggn
     damping: float = 1e-3  # S <- S + damping * (tr S / dim) * I
     pi_damping: bool = False  # Martens & Grosse pi-corrected split for Kronecker pairs
-    normalize: bool = True  # scale factors to unit mean eigenvalue
     dense_max_dim: int = 4096  # wider factors are stored as top-k eigenpairs + isotropic rest
     factor_rank: int = 256
     grad_mode: str = "dense"  # dense | sketch (randomized range sketch of the whitened gradient)

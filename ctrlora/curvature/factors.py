@@ -11,7 +11,7 @@ diagonal of a Hutchinson fit. Three storages share one interface:
 - `DiagonalFactor`: ``S = diag(d)``.
 
 Estimators store raw statistics; consumers call ``damped(gamma)`` (and ``normalized()`` for the
-trust region) on the stored factor. Factors are immutable: those two return new factors.
+trust region's unit-mean ablation, ``ctr.metric: normalized``) on the stored factor. Factors are immutable: those two return new factors.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class Factor(ABC):
         return self.shifted(gamma * self.mean_eigenvalue())
 
     def normalized(self) -> Factor:
-        """``S / (tr S / dim)``: unit mean eigenvalue, so trust-region weights compare across layers."""
+        """``S / (tr S / dim)``: unit mean eigenvalue (the trust region's ``normalized`` ablation)."""
         mean = self.mean_eigenvalue()
         if mean <= 0:
             raise ValueError("cannot normalise a factor whose trace is zero")

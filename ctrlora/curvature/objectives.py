@@ -18,16 +18,22 @@ Kronecker factors — P of them. They differ only for causal LMs with masked pro
   is ``½ Σ ‖f(x) − y‖²``, whose Fisher is the Gauss–Newton matrix JᵀJ.
 
 Summing (not averaging) makes each token's output gradient g_t independent of the batch size.
+The training loss averages over ``loss_terms`` instead — supervised tokens of a causal LM,
+sequences of a classifier, rows of squared error — so a quadratic model of the mean token loss
+``L/T`` is one of the training loss after multiplying by ``T / N`` (`tokens_per_loss_term`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ctrlora.curvature.runtime import all_reduce_count
 
 IGNORE_INDEX = -100
 
@@ -51,6 +57,10 @@ class Objective(ABC):
     def position_mask(self, batch: dict[str, Tensor]) -> Tensor:
         """Bool mask of the positions whose x_t and g_t enter S_a and S_g (default: the counted tokens)."""
         return self.token_mask(batch)
+
+    def loss_terms(self, batch: dict[str, Tensor]) -> int:
+        """N: how many terms the training loss of `batch` averages (default: the counted tokens)."""
+        return int(self.token_mask(batch).sum())
 
     @abstractmethod
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -111,6 +121,10 @@ class SequenceClassificationObjective(Objective):
             )
         return F.cross_entropy(_accumulation_precision(outputs), labels, reduction="sum")
 
+    def loss_terms(self, batch: dict[str, Tensor]) -> int:
+        """One term per sequence: the training loss is the mean per-sequence cross-entropy."""
+        return int(batch["labels"].shape[0])
+
     def sample_targets(self, outputs: Tensor, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         probs = _accumulation_precision(outputs.detach()).softmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -153,3 +167,23 @@ def objective_for(batch: dict[str, Tensor]) -> Objective:
         f"cannot tell the objective from batch keys {sorted(batch)}: expected input_ids + labels "
         "(+ attention_mask) for language models, or inputs + targets for squared error"
     )
+
+
+def tokens_per_loss_term(batches: Iterable[dict[str, Tensor]], device: torch.device) -> float:
+    """``T / N`` over `batches` (summed over data-parallel ranks): counted tokens per training-loss term.
+
+    The estimators' quadratic model ``⟨G, ΔW⟩ + ½ tr(ΔWᵀ S_g ΔW S_a)`` is that of the mean token loss
+    ``L/T``; the training loss is ``L/N``, so its model is ``T/N`` times as large. 1 for a causal LM
+    (N = T), the mean sequence length in counted tokens for a classifier. `device`: where the counts
+    are all-reduced (the model's input device).
+    """
+    tokens = terms = 0
+    objective = None
+    for batch in batches:
+        objective = objective or objective_for(batch)
+        tokens += int(objective.token_mask(batch).sum())
+        terms += objective.loss_terms(batch)
+    tokens, terms = all_reduce_count(tokens, device), all_reduce_count(terms, device)
+    if terms == 0:
+        raise ValueError("the calibration batches hold no training-loss terms (every label is -100 or padding)")
+    return tokens / terms

@@ -6,11 +6,16 @@ From K-FAC factors and the full-weight gradient G of the mean token loss on the 
     ΔW₀ = η · S_g^{-1/2} [T]_r S_a^{-1/2},   T = −S_g^{-1/2} G S_a^{-1/2}  (damped factors),
 
 the best rank-r step of the local quadratic model (`lowrank`), split into balanced factors
-``s B₀ A₀ = ΔW₀``, ``B₀ᵀB₀ = A₀A₀ᵀ``. ``cg.eta: auto`` scores every η of ``cg.eta_grid`` by the mean
-token loss of ``W + ΔW₀(η)`` on the last ``cg.eta_holdout_batches`` calibration batches (kept
-out of the estimate) and keeps the best. ``cg.shift: false`` keeps W (the model starts moved by
-ΔW₀); ``true`` subtracts ``s B₀A₀`` from W so the initial function is the pretrained one, and the
-export converts the adapter back to a delta on the original base (PEFT's PiSSA conversion).
+``s B₀ A₀ = ΔW₀``, ``B₀ᵀB₀ = A₀A₀ᵀ``. η = 1 is the full step of the K-FAC model, which
+underestimates the curvature along it (25–1000× on a real encoder). ``cg.eta: auto`` therefore
+takes the exact quadratic model along the joint direction D = ΔW₀(η=1) of all modules
+(`curvature.directional`: one JVP per calibration batch, Gauss–Newton curvature),
+``η* = −⟨G, D⟩ / DᵀCD``, times ``cg.eta_scale``, and backtracks over {η, η/4, η/16} on the last
+``cg.eta_holdout_batches`` calibration batches (kept out of the estimate): the first η that
+lowers their loss below the pretrained model's is kept; if none does, the adapters keep LoRA's
+init (A random, B = 0) and the run says so. ``cg.shift: false`` keeps W (the model starts moved
+by ΔW₀); ``true`` subtracts ``s B₀A₀`` from W so the initial function is the pretrained one, and
+the export converts the adapter back to a delta on the original base (PEFT's PiSSA conversion).
 Ranks: r̄ everywhere, or ``cg.allocate: greedy`` on ``½σ²`` of T (CTR-LoRA's allocator).
 The top-r SVD of T is exact for targets with m, n ≤ 4096, randomized for wider ones (METHODS §5).
 """
@@ -25,23 +30,38 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.utils.integrations import dequantize_module_weight
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from ctrlora.allocation import allocate_ranks
 from ctrlora.config import TrainConfig
+from ctrlora.curvature.directional import directional_model
 from ctrlora.curvature.hooks import calibration_mode
 from ctrlora.curvature.objectives import objective_for
 from ctrlora.curvature.result import CurvatureResult
 from ctrlora.curvature.runtime import batch_to_device, input_device
 from ctrlora.errors import ConfigError
-from ctrlora.methods.allocating import AllocatingMethod, BatchRange, lora_layers, set_adapter
+from ctrlora.methods.adapter_resize import adapter_parameters
+from ctrlora.methods.allocating import (
+    ADAPTER,
+    PEFT_PREFIX,
+    AllocatingMethod,
+    BatchRange,
+    lora_layers,
+    set_adapter,
+)
 from ctrlora.methods.base import register_method
-from ctrlora.methods.lowrank import DampedPairs, WhitenedSpectrum, curvature_step_factors, whitened_spectra
+from ctrlora.methods.lowrank import (
+    EXACT_SVD_MAX_DIM,
+    DampedPairs,
+    WhitenedSpectrum,
+    curvature_step_factors,
+    whitened_spectra,
+)
 
 log = logging.getLogger(__name__)
-EXACT_SVD_MAX_DIM = 4096  # METHODS §5: the top-r SVD of T is exact when m, n ≤ 4096, randomized beyond
 
 
 @torch.no_grad()
@@ -88,7 +108,9 @@ class CgLoraMethod(AllocatingMethod):
         if settings.shift and method.quantize_4bit:
             raise ConfigError("method.cg.shift=true cannot modify 4-bit quantised base weights; use shift=false")
         self.eta = float("nan")
-        self.eta_search: dict[str, float] = {}
+        self.eta_model: dict[str, float] = {}  # eta=auto: slope, curvature and η* of the exact quadratic model
+        self.eta_search: dict[str, float] = {}  # eta=auto: held-out loss per η tried
+        self.weight_norms: dict[str, float] = {}  # ‖W‖_F of the adapted modules, for the record
 
     @property
     def rule(self) -> str:  # type: ignore[override]
@@ -118,10 +140,13 @@ class CgLoraMethod(AllocatingMethod):
         steps = self.unit_steps(curvature, spectra)
         del curvature  # the factors are not needed in training
         peft_model = self.wrap(
-            model, self.allocated_config(self.ranks), lambda m: self.initialise(m, steps, holdout)
+            model, self.allocated_config(self.ranks), lambda m: self.initialise(m, steps, estimate_batches, holdout)
         )
-        self.record = self.base_record(self.module_records(spectra), settings)
-        self.record.update(r_max=r_max, eta=self.eta, eta_search=self.eta_search)
+        self.record = self.base_record(self.module_records(spectra, steps), settings)
+        self.record.update(
+            r_max=r_max, eta=self.eta, eta_model=self.eta_model, eta_search=self.eta_search,
+            init="lora (no step lowered the held-out loss)" if self.eta == 0 else "curvature step",
+        )
         self.write_record()
         return peft_model
 
@@ -166,29 +191,72 @@ class CgLoraMethod(AllocatingMethod):
         return steps
 
     def initialise(
-        self, peft_model: PeftModel, steps: Mapping[str, tuple[Tensor, Tensor]], holdout: BatchRange | None
+        self,
+        peft_model: PeftModel,
+        steps: Mapping[str, tuple[Tensor, Tensor]],
+        estimate_batches: Iterable[dict[str, Any]],
+        holdout: BatchRange | None,
     ) -> None:
-        """Choose η (held-out loss of ``W + ΔW₀(η)``), set ``(B₀, A₀) = √η (B₁, A₁)``, and shift W if asked."""
+        """Choose η (`choose_eta`), set ``(B₀, A₀) = √η (B₁, A₁)`` and shift W if asked; η = 0 keeps LoRA's init."""
         layers = lora_layers(peft_model)
         settings = self.cfg.method.cg
-        if holdout is None:
-            self.eta = float(settings.eta)
-        else:
-            self.eta_search["0"] = mean_token_loss(peft_model, holdout)  # B = 0: the pretrained model
-            for eta in map(float, settings.eta_grid):
-                for name, layer in layers.items():
-                    set_adapter(layer, *(math.sqrt(eta) * factor for factor in steps[name]))
-                self.eta_search[repr(eta)] = mean_token_loss(peft_model, holdout)
-            self.eta = min(map(float, settings.eta_grid), key=lambda eta: self.eta_search[repr(eta)])
+        self.weight_norms = {name: float(dequantize_module_weight(layer.base_layer).float().norm()) for name, layer in layers.items()}
+        self.eta = float(settings.eta) if holdout is None else self.choose_eta(peft_model, layers, steps, estimate_batches, holdout)
+        if self.eta == 0:
+            return
         with torch.no_grad():
             for name, layer in layers.items():
                 B, A = (math.sqrt(self.eta) * factor for factor in steps[name])
                 set_adapter(layer, B, A)
                 if settings.shift:
-                    shift_base_weight(name, layer.base_layer.weight, layer.scaling["default"] * B @ A)
+                    shift_base_weight(name, layer.base_layer.weight, layer.scaling[ADAPTER] * B @ A)
 
-    def module_records(self, spectra: Mapping[str, WhitenedSpectrum]) -> dict[str, dict[str, Any]]:
-        """Per module: the singular values of T up to its rank, their utilities, the modelled decrease."""
+    def choose_eta(
+        self,
+        peft_model: PeftModel,
+        layers: Mapping[str, nn.Module],
+        steps: Mapping[str, tuple[Tensor, Tensor]],
+        estimate_batches: Iterable[dict[str, Any]],
+        holdout: BatchRange,
+    ) -> float:
+        """``η* · cg.eta_scale`` from the exact quadratic model along D, backtracked on the held-out batches.
+
+        D is put into the adapters as ``A = A₁`` with B's tangent ``B₁`` at ``B = 0`` (``s B A`` is then
+        linear in the tangent: ``ΔW = ε s B₁A₁ = ε D``). The candidates are η, η/4, η/16; the first whose
+        held-out loss is below the pretrained model's (B = 0) wins; none: 0, and LoRA's init is restored.
+        """
+        initial = {name: tuple(p.detach().clone() for p in adapter_parameters(layer)) for name, layer in layers.items()}
+        tangents = {}
+        for name, layer in layers.items():
+            B, A = adapter_parameters(layer)
+            set_adapter(layer, torch.zeros_like(B), steps[name][1])
+            tangents[PEFT_PREFIX + name + f".lora_B.{ADAPTER}.weight"] = steps[name][0].to(B.dtype)
+        quadratic = directional_model(peft_model, estimate_batches, tangents)
+        self.eta_model = {"slope": quadratic.slope, "curvature": quadratic.curvature, "eta_star": quadratic.minimiser}
+        self.eta_search = {"0": mean_token_loss(peft_model, holdout)}  # B = 0: the pretrained model
+        scaled = quadratic.minimiser * self.cfg.method.cg.eta_scale
+        chosen = 0.0
+        for eta in ([scaled, scaled / 4, scaled / 16] if math.isfinite(scaled) else []):
+            for name, layer in layers.items():
+                set_adapter(layer, *(math.sqrt(eta) * factor for factor in steps[name]))
+            self.eta_search[repr(eta)] = mean_token_loss(peft_model, holdout)
+            if self.eta_search[repr(eta)] < self.eta_search["0"]:
+                chosen = eta
+                break
+        if chosen == 0:
+            for name, layer in layers.items():
+                set_adapter(layer, *initial[name])
+            log.warning(
+                "CG-LoRA: no step along the curvature direction lowered the held-out calibration loss (%s);"
+                " the adapters keep LoRA's init (A random, B = 0)", self.eta_search,
+            )
+        return chosen
+
+    def module_records(
+        self, spectra: Mapping[str, WhitenedSpectrum], steps: Mapping[str, tuple[Tensor, Tensor]]
+    ) -> dict[str, dict[str, Any]]:
+        """Per module: the singular values of T up to its rank, their utilities, the K-FAC-modelled change,
+        and ``‖s B₀A₀‖ / ‖W‖`` (Frobenius; ``‖sBA‖² = s² tr(BᵀB · AAᵀ)``, never an m×n product)."""
         records = {}
         for name, spectrum in spectra.items():
             rank = self.ranks[name]
@@ -198,4 +266,8 @@ class CgLoraMethod(AllocatingMethod):
                 "utility": sum(spectrum.utilities()[:rank]),
                 "modelled_change": (-self.eta + 0.5 * self.eta**2) * sum(value**2 for value in kept),
             }
+            if rank > 0:
+                B, A = steps[name]
+                update = self.eta * self.scaling_for(rank) * float(torch.trace((B.T @ B) @ (A @ A.T)).sqrt())
+                records[name]["update_to_weight"] = update / self.weight_norms[name]
         return records

@@ -6,9 +6,10 @@
    spends ``ρN`` parameters on them (``ctr.allocation: uniform`` gives r̄ everywhere). A module
    with rank 0 gets no adapter. Adapters start as in LoRA, or (``ctr.init: curvature``) at the
    curvature step scaled by ``ctr.init_scale``.
-2. Trust region: ``L_task + λ(t) Σ_l ‖s_l (B_l A_l − B⁰_l A⁰_l)‖²_{M_l}`` with the damped,
-   normalised Kronecker metric ``M_l = S_g ⊗ S_a`` from r×r Gram matrices (`trust_region`), λ
-   annealed from ``ctr.lambda0``. The anchor ``B⁰A⁰`` is 0 except for inits that move the base
+2. Trust region: ``L_task + λ(t) · ½ Σ_l ‖s_l (B_l A_l − B⁰_l A⁰_l)‖²_{M_l}`` with the damped
+   raw Kronecker metric ``M_l = (T/N) S_g ⊗ S_a`` (``ctr.metric: fisher``: the K-FAC model of the
+   training loss, so λ is dimensionless) or its unit-mean form (``normalized``), from r×r Gram
+   matrices (`trust_region`), λ annealed from ``ctr.lambda0``. The anchor ``B⁰A⁰`` is 0 except for inits that move the base
    weights (``ctr.compose: pissa``), where the displacement from the pretrained weight is
    ``s(BA − B⁰A⁰)``.
 3. Refresh (`ctr_refresh`): every ``ctr.refresh_every`` steps the factors are re-estimated at the
@@ -45,8 +46,9 @@ from transformers import PreTrainedModel
 
 from ctrlora.allocation import allocate_ranks, reallocate, total_utility
 from ctrlora.config import TrainConfig
+from ctrlora.curvature.objectives import tokens_per_loss_term
 from ctrlora.curvature.result import CurvatureResult
-from ctrlora.curvature.runtime import world_size
+from ctrlora.curvature.runtime import input_device, world_size
 from ctrlora.errors import ConfigError
 from ctrlora.methods.adapter_resize import (
     adapter_parameters,
@@ -65,6 +67,7 @@ from ctrlora.methods.ctr_refresh import (
     save_refreshed_curvature,
 )
 from ctrlora.methods.lowrank import (
+    EXACT_SVD_MAX_DIM,
     DampedPairs,
     WhitenedSpectrum,
     curvature_step_factors,
@@ -123,6 +126,7 @@ class CtrLoraMethod(AllocatingMethod):
         self.spectra: dict[str, WhitenedSpectrum] = {}
         self.training_statistics: TrainingStatistics | None = None
         self.last_lambda, self.last_penalty = 0.0, None
+        self.loss_scale = 1.0  # T/N of the calibration set: the fisher metric in training-loss units
         self.last_refresh_step = 0
         self.refreshes: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
@@ -179,6 +183,8 @@ class CtrLoraMethod(AllocatingMethod):
                 self.spectra = self.spectra_of(curvature, names)
         self.ranks = self.allocate()
         self.calibration = calibration
+        if curvature is not None:
+            self.loss_scale = tokens_per_loss_term(calibration, input_device(model))
         self.peft_model = self.wrap(model, self.allocated_config(self.ranks), lambda m: self.initialise(m, curvature))
         self.layers = lora_layers(self.peft_model)
         self.build_penalty(curvature)
@@ -190,13 +196,14 @@ class CtrLoraMethod(AllocatingMethod):
         return self.peft_model
 
     def spectra_of(self, curvature: CurvatureResult, names: list[str]) -> dict[str, WhitenedSpectrum]:
-        """The top-``min(r_max, m, n)`` whitened-gradient spectrum of each of `names` (``ctr.oversampling``,
-        ``ctr.power_iters``)."""
+        """The top-``min(r_max, m, n)`` whitened-gradient spectrum of each of `names`: exact when m, n ≤
+        4096, else randomized (``ctr.oversampling``, ``ctr.power_iters``; METHODS §6.1)."""
         cfg, settings = self.curvature_settings(), self.settings
         ranks = {name: min(self.r_max, *self.shapes[name]) for name in names}
         return whitened_spectra(
             curvature.modules, ranks, damping=cfg.damping, pi_split=cfg.pi_damping,
             oversampling=settings.oversampling, power_iters=settings.power_iters, seed=cfg.seed,
+            exact_max_dim=EXACT_SVD_MAX_DIM,
         )
 
     def allocate(self) -> dict[str, int]:
@@ -228,14 +235,20 @@ class CtrLoraMethod(AllocatingMethod):
     # --- the trust region -----------------------------------------------------------------------
 
     def build_penalty(self, curvature: CurvatureResult | None) -> None:
-        """The metric of the adapted modules from `curvature`: damped, normalised factors (each shared
-        ``a`` once) on the adapters' devices. Only these are kept in training, not the raw factors
-        (a refresh's raw factors are in its file, for resuming): the metric is the one copy."""
+        """The metric of the adapted modules from `curvature` (each shared ``a`` once) on the adapters'
+        devices. Only these are kept in training, not the raw factors (a refresh's raw factors are in
+        its file, for resuming): the metric is the one copy.
+
+        ``ctr.metric: fisher``: the damped raw factors with S_g times ``T/N`` (`loss_scale`), so
+        ``½‖ΔW‖²_M`` is the K-FAC model of the training loss itself; ``normalized``: each factor at
+        unit mean eigenvalue (the ablation whose scale depends on nothing but the shapes).
+        """
         if not self.settings.trust_region or curvature is None:
             self.penalty = None
             return
         cfg = self.curvature_settings()
         pairs = DampedPairs(cfg.damping, cfg.pi_damping)  # a shared ``a`` is damped once
+        fisher = self.settings.metric == "fisher"
         shared: dict[int, Any] = {}
         metrics = {}
         for name, layer in self.layers.items():
@@ -243,8 +256,9 @@ class CtrLoraMethod(AllocatingMethod):
             a, g = pairs(raw)
             device = adapter_parameters(layer)[0].device
             if id(raw.a) not in shared:
-                shared[id(raw.a)] = a.normalized().to(device)
-            metrics[name] = ModuleMetric(s_g=g.normalized().to(device), s_a=shared[id(raw.a)], scaling=layer.scaling[ADAPTER])
+                shared[id(raw.a)] = (a if fisher else a.normalized()).to(device)
+            s_g = g.scaled(self.loss_scale) if fisher else g.normalized()
+            metrics[name] = ModuleMetric(s_g=s_g.to(device), s_a=shared[id(raw.a)], scaling=layer.scaling[ADAPTER])
         self.penalty = TrustRegionPenalty(metrics)
 
     def displacement(self, name: str, layer: nn.Module) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,8 @@ from ctrlora.curvature.factors import Factor, relative_damping
 from ctrlora.curvature.result import ModuleCurvature
 from ctrlora.curvature.spectra import whitened_gradient_svd
 
+EXACT_SVD_MAX_DIM = 4096  # METHODS §5, §6.1: the top-r SVD of a whitened gradient is exact when m, n ≤ 4096
+
 
 @dataclass(frozen=True)
 class WhitenedSpectrum:

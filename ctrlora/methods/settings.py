@@ -7,7 +7,7 @@ Every choice the papers leave open is a key here, with the default written in ME
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ctrlora.errors import ConfigError
@@ -18,6 +18,7 @@ GREEDY_SCORES = ("per_param", "raw")
 CTR_INITS = ("lora", "curvature")
 REFRESH_SOURCES = ("calibration", "training")
 COMPOSITIONS = ("none", "loraplus", "dora", "pissa")
+TRUST_REGION_METRICS = ("fisher", "normalized")
 
 
 def check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
@@ -59,9 +60,9 @@ class SensitivitySettings:
 class CgSettings:
     """CG-LoRA (METHODS §5)."""
 
-    eta: Any = "auto"  # "auto" (line search over eta_grid on a held-out calibration batch) or a number
-    eta_grid: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0])
-    eta_holdout_batches: int = 1  # eta=auto: last calibration batches kept out of the estimate, to score η
+    eta: Any = "auto"  # "auto" (η* of the exact quadratic model, backtracked on held-out batches) or a number
+    eta_scale: float = 1.0  # eta=auto: η* times this before the backtracking over {η, η/4, η/16, 0}
+    eta_holdout_batches: int = 1  # eta=auto: last calibration batches kept out of the estimate, to check η
     shift: bool = False  # true: subtract s·B₀A₀ from W; export converts back to the original base
     allocate: str = "uniform"  # uniform | greedy (CTR-LoRA's allocator on ½σ² of the whitened gradient)
     r_min: int = 0  # greedy only
@@ -75,8 +76,7 @@ class CgSettings:
             except (TypeError, ValueError):
                 raise ConfigError(f"method.cg.eta={self.eta!r} must be 'auto' or a positive number") from None
             check_range("cg.eta", eta, 0.0, float("inf"), low_open=True)
-        elif not self.eta_grid or any(not float(eta) > 0 for eta in self.eta_grid):
-            raise ConfigError(f"method.cg.eta_grid={list(self.eta_grid)} must be a non-empty list of positive numbers")
+        check_range("cg.eta_scale", self.eta_scale, 0.0, float("inf"), low_open=True)
         if self.eta_holdout_batches < 1:
             raise ConfigError(f"method.cg.eta_holdout_batches={self.eta_holdout_batches} must be >= 1")
         check_choice("cg.allocate", self.allocate, ("uniform", "greedy"))
@@ -97,6 +97,7 @@ class CtrSettings:
     init: str = "lora"  # lora (A random, B = 0) | curvature (un-whitened singular directions, scaled small)
     init_scale: float = 1e-3
     trust_region: bool = True
+    metric: str = "fisher"  # fisher (damped raw factors: the penalty in loss units) | normalized (unit mean, ablation)
     lambda0: float = 0.1
     lambda_schedule: str = "cosine"  # cosine | linear | constant
     refresh_every: int = 500
@@ -114,6 +115,7 @@ class CtrSettings:
         check_choice("ctr.lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES)
         check_choice("ctr.refresh_source", self.refresh_source, REFRESH_SOURCES)
         check_choice("ctr.compose", self.compose, COMPOSITIONS)
+        check_choice("ctr.metric", self.metric, TRUST_REGION_METRICS)
         check_rank_bounds("ctr", self.r_min, self.r_max)
         check_range("ctr.lambda0", self.lambda0, 0.0, float("inf"))
         check_range("ctr.hysteresis", self.hysteresis, 0.0, float("inf"))

@@ -246,3 +246,14 @@ def test_whitened_gradient_is_bounded_by_the_position_to_token_ratio(model, batc
     for name in targets:
         whitened = pseudo_inverse_root(kfac[name].g.dense()) @ kfac[name].grad @ pseudo_inverse_root(kfac[name].a.dense())
         assert torch.linalg.matrix_norm(whitened, ord=2) <= bound * (1 + 1e-8), name
+
+
+def test_tokens_per_loss_term_converts_the_mean_token_loss_to_the_training_loss() -> None:
+    """T/N: 1 for a causal LM (its loss is the mean token loss), the mean counted length for a classifier."""
+    from ctrlora.curvature.objectives import tokens_per_loss_term
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    classification = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask, "labels": torch.tensor([0, 1])}
+    assert tokens_per_loss_term([classification, classification], torch.device("cpu")) == 5 / 2
+    causal = {**classification, "labels": torch.tensor([[1, 2, 3, -100], [-100, 4, -100, -100]])}
+    assert tokens_per_loss_term([causal], torch.device("cpu")) == 1.0

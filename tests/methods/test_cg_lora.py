@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
 from ctrlora import report
@@ -28,10 +29,10 @@ from .curvature_method_helpers import (
 )
 
 
-def closed_form_steps(cfg, rank: int, eta: float, **widths: int) -> tuple[dict[str, torch.Tensor], float]:
+def closed_form_steps(cfg, rank: int, eta: float, batches=None, **widths: int) -> tuple[dict[str, torch.Tensor], float]:
     """``ΔW₀ = η S_g^{-1/2} [T]_r S_a^{-1/2}``, ``T = −S_g^{-1/2} G S_a^{-1/2}`` densely, and the
     quadratic model's change ``(−η + η²/2) Σ σ²`` summed over the targets (`widths`: of the model)."""
-    model, batches = tiny_fp64_llama(**widths), full_label_batches()
+    model, batches = tiny_fp64_llama(**widths), batches or full_label_batches()
     steps, squared = {}, 0.0
     for name, dense in dense_curvature(model, batches, target_names(model), cfg.curvature).items():
         g_root, a_root = matrix_power(dense["g"], -0.5), matrix_power(dense["a"], -0.5)
@@ -82,16 +83,78 @@ def test_first_step_change_in_loss_follows_the_quadratic_model(tmp_path: Path) -
     assert change / predicted == pytest.approx(1.0, rel=1e-2)
 
 
-def test_eta_search_keeps_the_best_eta_on_the_held_out_batch(tmp_path: Path) -> None:
-    cfg = train_config(tmp_path, "cg_lora", "budget.rank=2", "method.cg.eta_grid=[1e-4,1e-3,1e-2]")
+def dense_quadratic_model(model, batches, directions: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """``(∇L̄ᵀd, dᵀ GGN d)`` of the mean token loss with the dense Jacobian J of the logits in the stacked
+    target weights and the dense Gauss–Newton matrix ``GGN = (1/T) Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t``."""
+    names = list(directions)
+    weights = [model.get_submodule(name).weight.detach() for name in names]
+    flat = torch.cat([weight.reshape(-1) for weight in weights])
+    direction = torch.cat([directions[name].reshape(-1) for name in names])
+
+    def counted_logits(values: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for name, weight in zip(names, weights, strict=True):
+            params[f"{name}.weight"] = values[offset : offset + weight.numel()].view_as(weight)
+            offset += weight.numel()
+        rows = []
+        for batch in batches:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            rows.append(functional_call(model, params, (), inputs).logits[:, :-1].reshape(-1, 40))
+        return torch.cat(rows)
+
+    jacobian = torch.autograd.functional.jacobian(counted_logits, flat, vectorize=True)  # tokens × vocab × params
+    probs = counted_logits(flat).softmax(-1)
+    labels = torch.cat([batch["labels"][:, 1:].reshape(-1) for batch in batches])
+    residual = probs - torch.nn.functional.one_hot(labels, 40).double()
+    tokens = labels.numel()
+    gradient = torch.einsum("tv,tvp->p", residual, jacobian) / tokens
+    ggn = torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64)
+    for row, jac in zip(probs, jacobian, strict=True):
+        ggn += jac.T @ (torch.diag(row) - torch.outer(row, row)) @ jac
+    return float(gradient @ direction), float(direction @ (ggn / tokens) @ direction)
+
+
+def test_eta_star_minimises_the_exact_quadratic_model_along_the_joint_direction(tmp_path: Path) -> None:
+    cfg = train_config(tmp_path, "cg_lora", "budget.rank=2")
     method = build_method(cfg, total_steps=20, run_dir=tmp_path)
     batches = full_label_batches(count=3)
     peft_model = method.prepare(tiny_fp64_llama(), batches)
-    record = json.loads((tmp_path / "allocation.json").read_text())
-    search = {float(eta): loss for eta, loss in record["eta_search"].items() if eta != "0"}
-    assert record["eta"] == min(search, key=search.get) == method.eta
-    assert mean_token_loss(peft_model, batches[2:]) == pytest.approx(search[method.eta], rel=1e-6)
     assert method.curvature_reports[0]["tokens"] == 2 * 3 * 8  # the estimate saw the first two batches only
+
+    directions, _ = closed_form_steps(cfg, rank=2, eta=1.0, batches=batches[:2])
+    slope, curvature = dense_quadratic_model(tiny_fp64_llama(), batches[:2], directions)
+    record = json.loads((tmp_path / "allocation.json").read_text())
+    assert record["eta_model"]["slope"] == pytest.approx(slope, rel=1e-8)
+    assert record["eta_model"]["curvature"] == pytest.approx(curvature, rel=1e-8)
+    assert record["eta_model"]["eta_star"] == pytest.approx(-slope / curvature, rel=1e-8)
+    assert record["eta"] == method.eta == record["eta_model"]["eta_star"] and record["init"] == "curvature step"
+
+    before = mean_token_loss(tiny_fp64_llama(), batches[:2])
+    assert mean_token_loss(peft_model, batches[:2]) < before  # the first step lowers the calibration loss
+    assert mean_token_loss(peft_model, batches[2:]) == pytest.approx(record["eta_search"][repr(method.eta)], rel=1e-10)
+    for name, layer in lora_layers(peft_model).items():
+        weight = layer.base_layer.weight
+        update = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        assert record["modules"][name]["update_to_weight"] == pytest.approx(float(update.norm() / weight.norm()), rel=1e-6)
+
+
+def test_when_every_step_raises_the_held_out_loss_the_adapters_keep_loras_init(tmp_path: Path, caplog) -> None:
+    cfg = train_config(tmp_path, "cg_lora", "budget.rank=2", "method.cg.eta_scale=1e4")  # every candidate overshoots
+    method = build_method(cfg, total_steps=20, run_dir=tmp_path)
+    batches = full_label_batches(count=3)
+    held_out = batches[2]  # labelled with the pretrained model's own predictions: any large step hurts them
+    held_out["labels"] = torch.cat([held_out["labels"][:, :1], logits(tiny_fp64_llama(), held_out).argmax(-1)[:, :-1]], 1)
+    peft_model = method.prepare(tiny_fp64_llama(), batches)
+    record = json.loads((tmp_path / "allocation.json").read_text())
+    search = record["eta_search"]
+    assert len(search) == 4 and all(loss > search["0"] for eta, loss in search.items() if eta != "0")
+    assert method.eta == record["eta"] == 0 and record["init"].startswith("lora")
+    assert "keep LoRA's init" in caplog.text
+    for layer in lora_layers(peft_model).values():
+        assert not layer.lora_B["default"].weight.any()  # B = 0: the pretrained function
+        A = layer.lora_A["default"].weight
+        bound = 1 / A.shape[1] ** 0.5  # PEFT's kaiming_uniform(a=√5) init of A
+        assert A.abs().max() <= bound and A.abs().max() > 0.5 * bound
 
 
 FULL_TEXT = ["data.prompt_template=''", "data.completion_template='{text} Topic: {label}'"]  # every token supervised

@@ -10,6 +10,7 @@ import torch
 
 from ctrlora.allocation import allocate_ranks, allocation_params
 from ctrlora.curvature.factors import DenseFactor
+from ctrlora.curvature.spectra import randomized_svd
 from ctrlora.errors import ConfigError
 from ctrlora.methods.adapter_resize import grown_factors, replace_adapter, shrunk_factors
 from ctrlora.methods.allocating import lora_layers
@@ -60,8 +61,9 @@ def test_utilities_are_half_squared_singular_values_and_the_greedy_spends_the_bu
     assert set(peft_model.peft_config["default"].target_modules) == adapted
 
 
-def dense_penalty(cfg, peft_model, anchors=None) -> torch.Tensor:
-    """``Σ_l tr(ΔWᵀ S_g ΔW S_a)`` with damped, normalised dense factors and ``ΔW = s(BA − B⁰A⁰)``."""
+def dense_penalty(cfg, peft_model, anchors=None, metric: str = "fisher") -> torch.Tensor:
+    """``½ Σ_l vec(ΔW)ᵀ (S_g ⊗ S_a) vec(ΔW)`` with ``ΔW = s(BA − B⁰A⁰)``, the Kronecker product built
+    densely from the damped factors: raw (``fisher``: a causal LM's T/N is 1) or at unit mean eigenvalue."""
     model = tiny_fp64_llama()
     layers = lora_layers(peft_model)
     dense = dense_curvature(model, full_label_batches(), list(layers), cfg.curvature, want_grad=False)
@@ -71,8 +73,11 @@ def dense_penalty(cfg, peft_model, anchors=None) -> torch.Tensor:
         delta = layer.scaling["default"] * B @ A
         if anchors is not None:
             delta = delta - anchors[name]
-        s_g, s_a = normalised(dense[name]["g"]), normalised(dense[name]["a"])
-        total = total + torch.trace(delta.T @ s_g @ delta @ s_a)
+        s_g, s_a = dense[name]["g"], dense[name]["a"]
+        if metric == "normalized":
+            s_g, s_a = normalised(s_g), normalised(s_a)
+        vec = delta.reshape(-1)  # row-major: vec(ΔW)ᵀ (S_g ⊗ S_a) vec(ΔW) = tr(ΔWᵀ S_g ΔW S_a)
+        total = total + 0.5 * vec @ torch.kron(s_g, s_a) @ vec
     return total
 
 
@@ -84,12 +89,15 @@ def perturb_adapters(peft_model, scale: float = 0.1) -> None:
                 param.add_(scale * torch.randn(param.shape, generator=generator, dtype=param.dtype))
 
 
-def test_penalty_equals_the_dense_kronecker_metric_and_its_gradient_matches_finite_differences(tmp_path: Path) -> None:
-    cfg, method, peft_model = prepared(tmp_path, "method.ctr.lambda0=0.25")
+@pytest.mark.parametrize("metric", ["fisher", "normalized"])
+def test_penalty_equals_the_dense_kronecker_metric_and_its_gradient_matches_finite_differences(
+    tmp_path: Path, metric: str
+) -> None:
+    cfg, method, peft_model = prepared(tmp_path, "method.ctr.lambda0=0.25", f"method.ctr.metric={metric}")
     perturb_adapters(peft_model)
     extra = method.extra_loss(peft_model, step=0)
     assert method.step_metrics()["lambda"] == 0.25
-    assert float(extra) == pytest.approx(0.25 * float(dense_penalty(cfg, peft_model)), rel=1e-6)
+    assert float(extra) == pytest.approx(0.25 * float(dense_penalty(cfg, peft_model, metric=metric)), rel=1e-6)
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     gradients = torch.autograd.grad(extra, params)
@@ -219,7 +227,7 @@ def test_the_estimate_cache_tells_a_held_out_split_from_the_whole_calibration_se
     cache = f"curvature.cache_dir={tmp_path / 'cache'}"
     batches = full_label_batches()
     reports = []
-    for method, extra in [("ctrlora", []), ("ctrlora", []), ("cg_lora", ["method.cg.eta_grid=[1e-3]"])]:
+    for method, extra in [("ctrlora", []), ("ctrlora", []), ("cg_lora", [])]:
         cfg = train_config(tmp_path / str(len(reports)), method, "budget.rank=2", cache, *extra)
         built = build_method(cfg, total_steps=20, run_dir=tmp_path / str(len(reports)))
         built.prepare(tiny_fp64_llama(), batches)
@@ -235,3 +243,47 @@ def test_a_checkpoint_whose_ranks_no_refresh_explains_is_refused(tmp_path: Path)
     state["ranks"][name] += 1
     with pytest.raises(ConfigError, match="differ from this run's step-0 allocation"):
         method.load_state_dict(state)
+
+
+def rebatched(batches: list[dict[str, torch.Tensor]], size: int, repeat: int = 1) -> list[dict[str, torch.Tensor]]:
+    """The same sequences (each `repeat` times) in batches of `size`."""
+    stacked = {key: torch.cat([batch[key] for batch in batches] * repeat) for key in batches[0]}
+    count = next(iter(stacked.values())).shape[0]
+    return [{key: value[start : start + size] for key, value in stacked.items()} for start in range(0, count, size)]
+
+
+def test_the_fisher_penalty_is_in_loss_units_whatever_the_batching_and_token_count(tmp_path: Path) -> None:
+    """The factors are per-token means of per-token statistics: neither the calibration batch size nor
+    repeating every sequence (twice the tokens) changes the metric, so λ keeps its meaning."""
+    values = []
+    for index, batches in enumerate([full_label_batches(), rebatched(full_label_batches(), 9), rebatched(full_label_batches(), 2, 2)]):
+        cfg = train_config(tmp_path / str(index), "ctrlora", "budget.rank=2", "method.ctr.allocation=uniform")
+        method = build_method(cfg, total_steps=20, run_dir=tmp_path / str(index))
+        peft_model = method.prepare(tiny_fp64_llama(), batches)
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.data = param.data.double()
+        perturb_adapters(peft_model)
+        values.append(float(method.extra_loss(peft_model, step=0)))
+        assert method.loss_scale == 1.0  # a causal LM trains on the mean token loss itself
+    assert values[1] == pytest.approx(values[0], rel=1e-10)
+    assert values[2] == pytest.approx(values[0], rel=1e-10)
+
+
+def test_utilities_come_from_an_exact_svd_where_a_randomized_one_is_off(tmp_path: Path) -> None:
+    """METHODS §6.1: exact SVD of the whitened gradient for m, n ≤ 4096. The targets here are wider than
+    r_max + oversampling (8 + 10), where the randomized SVD would be used otherwise."""
+    widths = {"hidden_size": 48, "intermediate_size": 64}
+    cfg = train_config(tmp_path, "ctrlora", "budget.rank=2", "method.ctr.power_iters=0")
+    method = build_method(cfg, total_steps=20, run_dir=tmp_path)
+    model, batches = tiny_fp64_llama(**widths), full_label_batches()
+    method.prepare(model, batches)
+    worst_randomized = 0.0
+    for name, dense in dense_curvature(tiny_fp64_llama(**widths), batches, target_names(model), cfg.curvature).items():
+        whitened = matrix_power(dense["g"], -0.5) @ dense["grad"] @ matrix_power(dense["a"], -0.5)
+        assert min(whitened.shape) > method.r_max + 10, name
+        sigma = torch.linalg.svdvals(whitened)[: method.r_max]
+        assert method.spectra[name].utilities() == pytest.approx((0.5 * sigma**2).tolist(), rel=1e-9), name
+        approximate = randomized_svd(whitened, method.r_max, oversampling=10, power_iters=0)[1]
+        worst_randomized = max(worst_randomized, relative_error(approximate, sigma))
+    assert worst_randomized > 1e-3  # what the exact SVD is for

@@ -39,9 +39,10 @@ def metric_factors(method) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def expected_metric(raw, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S_a, S_g) of the metric built from raw factors: damped, then normalised to unit mean eigenvalue."""
+    """(S_a, S_g) of the fisher metric built from raw factors: damped, at their raw scale (a causal LM's
+    training loss is the mean token loss: T/N = 1)."""
     a, g = damped_factors(raw, cfg.damping, cfg.pi_damping)
-    return a.normalized().dense(), g.normalized().dense()
+    return a.dense(), g.dense()
 
 
 class FreshEstimateAt(L.Callback):
@@ -70,6 +71,7 @@ def test_refreshes_happen_at_the_refresh_steps_with_fresh_estimates_and_lambda_f
     before = mean_token_loss(run.model, [batch])
     run.trainer.fit(run.module, datamodule=run.datamodule)
 
+    assert run.method.loss_scale == 1.0
     assert [refresh["step"] for refresh in run.method.refreshes] == [5, 10, 15]
     for name, (a, g) in probe.used.items():
         fresh_a, fresh_g = expected_metric(probe.fresh[name], cfg)
@@ -87,6 +89,7 @@ def test_refreshes_happen_at_the_refresh_steps_with_fresh_estimates_and_lambda_f
     for row in rows:
         assert float(row["method/lambda"]) == approx_f32(schedule(int(row["step"])))
         assert float(row["train/extra_to_task"]) == approx_f32(float(row["train/extra_loss"]) / float(row["train/loss"]))
+        assert float(row["train/extra_to_task_grad"]) >= 0
     assert float(rows[-1]["method/penalty"]) > 0
 
     assert mean_token_loss(run.model, [batch]) < before - 0.05

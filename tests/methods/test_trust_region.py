@@ -89,13 +89,14 @@ def test_trust_region_penalty_sums_modules_and_updates():
     }
     penalty = TrustRegionPenalty(metrics)
     adapters = {"q": first[:2], "v": second[:2]}
-    expected = dense_penalty(0.5 * first[0] @ first[1], first[2], first[3]) + dense_penalty(
-        2.0 * second[0] @ second[1], second[2], second[3]
+    expected = 0.5 * (
+        dense_penalty(0.5 * first[0] @ first[1], first[2], first[3])
+        + dense_penalty(2.0 * second[0] @ second[1], second[2], second[3])
     )
     torch.testing.assert_close(penalty(adapters), expected, rtol=1e-12, atol=0.0)
     identity = DenseFactor(torch.eye(3, dtype=torch.float64)), DenseFactor(torch.eye(7, dtype=torch.float64))
     penalty.update("v", ModuleMetric(*identity, 2.0))
-    refreshed = (
+    refreshed = 0.5 * (
         dense_penalty(0.5 * first[0] @ first[1], first[2], first[3])
         + 4.0 * (second[0] @ second[1]).square().sum()
     )
@@ -135,7 +136,7 @@ def test_peft_layout_maps_to_the_delta_weight():
         layer = model.get_submodule(f"base_model.model.{name}")
         s_g, s_a = random_spd(m, generator), random_spd(n, generator)
         metrics[name] = ModuleMetric(DenseFactor(s_g), DenseFactor(s_a), layer.scaling["default"])
-        expected = expected + dense_penalty(layer.get_delta_weight("default"), s_g, s_a)
+        expected = expected + 0.5 * dense_penalty(layer.get_delta_weight("default"), s_g, s_a)
     torch.testing.assert_close(TrustRegionPenalty(metrics)(weights), expected.detach(), rtol=1e-12, atol=0.0)
 
 
