@@ -7,6 +7,11 @@ they describe a random read-out. Warming the head up first (AdamW on the head's 
 the encoder frozen and in eval mode, on the calibration batches in a cycle) gives the estimate a
 head that reads the pretrained features. The run applies it to every method alike, so the
 comparison stays fair: the head then carries on training with the adapters.
+
+Default (``null``): 200 steps at lr 1e-3 for a model with a fresh head, none otherwise. Measured on
+the NLU study (experiment=nlu_minilm, seed 0, 128 calibration examples): test accuracy with 0 / 50
+/ 200 warm-up steps was 72.4 / 74.3 / 77.2% for CTR-LoRA, 71.9 / 72.7 / 75.5% for CG-LoRA, and
+– / 74.7 / 77.4% for LoRA; 200 steps cost about 14 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from ctrlora.curvature.runtime import batch_to_device, input_device
 from ctrlora.errors import ConfigError
 
 log = logging.getLogger(__name__)
-HEAD_WARMUP_STEPS = 50  # calibration.head_warmup_steps=null on a model with a fresh head (measured: the module docstring)
+HEAD_WARMUP_STEPS = 200  # calibration.head_warmup_steps=null on a model with a fresh head (measured: module docstring)
 
 
 def head_warmup_steps(configured: int | None, head_modules: list[str]) -> int:

@@ -26,12 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("root", type=Path, help="folder searched for results.json files")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: ROOT/aggregate)")
+    parser.add_argument(
+        "--variants", action="store_true", help="one row per folder under ROOT (seed=* folders merged): ablations"
+    )
     parser.add_argument("--wandb", action="store_true", help="also log the tables and figures to W&B")
     parser.add_argument("--project", default="ctrlora", help="W&B project (with --wandb)")
     parser.add_argument("--group", default=None, help="W&B group (with --wandb)")
     args = parser.parse_args(argv)
 
-    records = collect_runs(args.root)
+    records = collect_runs(args.root, variants=args.variants)
     if not records:
         print(f"no evaluated results.json under {args.root}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ import csv
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +122,23 @@ def flatten(rows: dict[str, Any]) -> dict[Column, float]:
     }
 
 
-def collect_runs(root: Path) -> list[RunRecord]:
-    """Every evaluated run under `root` (``**/results.json``), in path order."""
-    records = [load_run(path) for path in sorted(Path(root).rglob("results.json"))]
-    return [record for record in records if record is not None]
+def collect_runs(root: Path, variants: bool = False) -> list[RunRecord]:
+    """Every evaluated run under `root` (``**/results.json``), in path order.
+
+    ``variants``: runs of one method in different folders are different rows, labelled by the folder
+    (its path under `root`, ``seed=*`` parts left out), e.g. ``ctrlora (lambda0=0.05,cosine)``: how an
+    ablation study lays out its settings.
+    """
+    records = []
+    for path in sorted(Path(root).rglob("results.json")):
+        record = load_run(path)
+        if record is not None and variants:
+            parts = [part for part in path.parent.relative_to(root).parts if not part.startswith("seed=")]
+            variant = "/".join(parts)
+            record = replace(record, method=f"{record.method} ({variant})" if variant not in ("", record.method) else record.method)
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def summarize(values: list[float]) -> Cell:

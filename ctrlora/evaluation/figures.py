@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -72,7 +73,7 @@ def rank_heatmaps(table: Table, out_dir: Path) -> list[Path]:
     for row in table.rows:
         ranks = run_ranks(row) if row.runs else None
         if ranks:
-            name = f"ranks-{table.model}-{row.method}-{row.budget}.png".replace("=", "")
+            name = re.sub(r"[^\w.-]+", "_", f"ranks-{table.model}-{row.method}-{row.budget}".replace("=", "")) + ".png"
             title = f"{row.method} {row.budget}: ranks"
             paths.append(rank_heatmap(ranks, out_dir / name, title=title))
     return paths

@@ -110,3 +110,16 @@ def test_aggregate_logs_the_same_table_to_wandb_offline(tmp_path: Path) -> None:
     assert table["columns"] == written[0]
     assert [row[1] for row in table["data"]] == ["base", "lora", "dora", "ctrlora"]
     assert table["data"][1][5:7] == pytest.approx([0.32, 0.02])  # lora: mmlu mean, std
+
+
+def test_variants_make_one_row_per_folder_with_seeds_merged(tmp_path: Path) -> None:
+    from ctrlora.evaluation.aggregate import build_tables, collect_runs
+
+    for folder, seed, scores in [("lambda0=0", 0, (0.3, 0.1, 0.2)), ("lambda0=0", 1, (0.5, 0.1, 0.2)),
+                                 ("lambda0=0.1", 0, (0.4, 0.1, 0.2))]:
+        write_results(tmp_path / "ctr" / folder / f"seed={seed}", "ctrlora", seed, scores)
+    assert {record.method for record in collect_runs(tmp_path)} == {"ctrlora"}
+    rows = {row.method: row for row in build_tables(collect_runs(tmp_path, variants=True))[0].rows}
+    assert set(rows) == {"base", "ctrlora (ctr/lambda0=0)", "ctrlora (ctr/lambda0=0.1)"}
+    cell = rows["ctrlora (ctr/lambda0=0)"].cells[("mmlu", "acc")]
+    assert cell.n == 2 and cell.mean == pytest.approx(0.4)
