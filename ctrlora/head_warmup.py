@@ -84,7 +84,7 @@ def warm_up_head(
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
     finally:
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)

@@ -26,6 +26,16 @@ def test_the_study_preset_sweeps_every_method_and_both_reference_rows_over_three
     assert params.seed == "0,1,2" and cfg.model.name == "minilm-l6" and cfg.hydra.sweep.dir == "experiments/nlu_minilm/runs"
 
 
+def test_the_ctr_ablation_preset_sweeps_lambda0_and_schedules_into_one_folder_per_setting() -> None:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", overrides=["experiment=nlu_minilm_ctr"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params.method == "ctrlora" and params.seed == "0,1,2" and cfg.model.name == "minilm-l6"
+    assert params["method.ctr.lambda0"] == "0.02,0.05,0.1,0.2" and params["method.ctr.lambda_schedule"] == "linear,cosine"
+    assert cfg.optim.lr == 3e-3 and cfg.trainer.max_steps == 120  # the study's protocol, as nlu_minilm
+    assert cfg.hydra.sweep.subdir == "allocation=greedy,trust_region=True,lambda0=0.1,cosine/seed=0"  # the settings
+
+
 @pytest.mark.slow
 def test_one_seed_of_the_study_runs_and_aggregates(tmp_path: Path) -> None:
     sweep = tmp_path / "runs"
