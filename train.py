@@ -13,10 +13,12 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the validation metric (``eval.val_metric``), the objective of a Hydra sweeper."""
+    from ctrlora.evaluation.validation import objective_value
     from ctrlora.run import train
 
-    train(cfg)
+    return objective_value(train(cfg), cfg.eval.val_metric, cfg.model.task)
 
 
 if __name__ == "__main__":

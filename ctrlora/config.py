@@ -17,7 +17,7 @@ from omegaconf.errors import ConfigKeyError
 
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.errors import ConfigError
-from ctrlora.evaluation.config import EvalConfig
+from ctrlora.evaluation.config import EvalConfig, objective_metric
 from ctrlora.methods.settings import CgSettings, CtrSettings, SensitivitySettings
 
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -96,6 +96,9 @@ class DataConfig:
     name: str = "fortune_topics"
     train: str = "data/fortune_topics/train.jsonl"  # local json/jsonl/parquet path or HF dataset id
     test: str | None = "data/fortune_topics/test.jsonl"
+    val: str | None = None  # a validation file; null: data.val_fraction of data.train is held out
+    val_fraction: float = 0.1  # held out of data.train (when data.val is null) for validation; 0: none
+    split_seed: int = 0  # the permutation that picks the held-out rows (independent of the run's seed)
     hf_config: str | None = None
     hf_split: str = "train"
     format: str = "classification"  # alpaca | prompt_completion | chat | classification
@@ -214,6 +217,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0")
     if cfg.trainer.checkpoint_every_n_steps <= 0:
         raise ConfigError(f"trainer.checkpoint_every_n_steps={cfg.trainer.checkpoint_every_n_steps} must be > 0")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must lie in [0, 1) (0: no validation split)")
+    if cfg.eval.val_every_n_steps is not None and cfg.eval.val_every_n_steps < 1:
+        raise ConfigError(f"eval.val_every_n_steps={cfg.eval.val_every_n_steps} must be >= 1 (or null)")
+    objective_metric(cfg.eval.val_metric, cfg.model.task)
     warmup = cfg.calibration
     if (warmup.head_warmup_steps or 0) < 0 or not warmup.head_warmup_lr > 0:
         raise ConfigError(

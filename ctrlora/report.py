@@ -197,6 +197,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"| tokens/s | {train['tokens_per_s']:.0f} |" if train["tokens_per_s"] else "| tokens/s | – |",
         f"| wall time | {run['wall_s']:.1f} s |",
     ]
+    val = results.get("val") or {}
+    lines += [
+        f"| validation {metric} ({val['examples']} examples) | {value:.4f} |"
+        for metric, value in val.items() if metric != "examples"
+    ]
     evaluation = results.get("eval", {})
     base = evaluation.get("base", {})
     for task, metrics in task_rows(evaluation).items():

@@ -27,6 +27,7 @@ from ctrlora.errors import RunDirError
 from ctrlora.evaluation.base_row import backbone_key
 from ctrlora.evaluation.classification import classifier_eval_section
 from ctrlora.evaluation.suite import evaluate_model
+from ctrlora.evaluation.validation import PeriodicValidation, validation_section
 from ctrlora.fsdp import evaluation_model, gather_adapter_state
 from ctrlora.head_warmup import head_warmup_steps, warm_up_head
 from ctrlora.lit import FinetuneModule, RunStats
@@ -172,24 +173,34 @@ def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
     stats = RunStats()
     adapters = AdapterSetup(method, datamodule, cfg, stats)
     loggers = build_loggers(cfg.logger, run_dir, report.run_name(cfg), asdict(cfg))
-    trainer = build_trainer(cfg.trainer, loggers, [adapters, stats, *method.callbacks()], run_dir)
+    callbacks = [adapters, stats, *method.callbacks()]
+    if cfg.eval.val_every_n_steps:
+        callbacks.append(PeriodicValidation(datamodule, cfg.eval.val_every_n_steps, cfg.eval.batch_size))
+    trainer = build_trainer(cfg.trainer, loggers, callbacks, run_dir)
     in_fit = trainer.world_size > 1 and method.shards_calibration
     model = backbone if in_fit else adapters.prepare(backbone, trainer)
     module = FinetuneModule(model, method, cfg.optim, total_steps)
     return RunParts(tokenizer, datamodule, method, module, stats, trainer)
 
 
-def evaluate_run(cfg: TrainConfig, run: RunParts) -> dict[str, Any]:
-    """The `eval` section: the suite through lm-eval on the in-memory model (its base row cached),
-    or accuracy / macro-F1 / MCC on the test split for a sequence classifier; ``{}`` for eval=none."""
-    if cfg.eval.suite == "none":
-        return {}
+def evaluate_run(cfg: TrainConfig, run: RunParts) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The `val` section (validation loss and classifier metrics; None without a validation split) and
+    the `eval` section: the suite through lm-eval on the in-memory model (its base row cached), or
+    accuracy / macro-F1 / MCC on the test split for a sequence classifier; ``{}`` for eval=none."""
     num_labels = len(run.datamodule.label_names) if cfg.model.task == "sequence_classification" else None
     model = evaluation_model(  # under FSDP: the backbone + the saved adapter (the sharded model needs all ranks)
         run.model, Path(cfg.run_dir) / "adapter",
         lambda: load_backbone(cfg.model, accelerator=cfg.trainer.accelerator,
                               quantize_4bit=cfg.method.quantize_4bit, num_labels=num_labels),
     )
+    val = validation_section(model, run.datamodule, cfg.eval.batch_size)
+    return val, evaluate_test(cfg, run, model)
+
+
+def evaluate_test(cfg: TrainConfig, run: RunParts, model: nn.Module) -> dict[str, Any]:
+    """The `eval` section of `evaluate_run`."""
+    if cfg.eval.suite == "none":
+        return {}
     if cfg.model.task == "sequence_classification":
         return classifier_eval_section(model, run.datamodule, cfg.eval.batch_size, cfg.eval.limit)
     return evaluate_model(
@@ -230,7 +241,7 @@ def train(composed: DictConfig) -> dict[str, Any]:
         cfg, method=run.method, model=run.model, stats=run.stats, trainer=run.trainer,
         started_at=started_at, wall_s=time.perf_counter() - start,
     )
-    results["eval"] = evaluate_run(cfg, run)
+    results["val"], results["eval"] = evaluate_run(cfg, run)
     report.write_outputs(run_dir, results)
     log_run_summary(run.trainer.loggers, run_dir, results)  # logger=wandb: tables, images, summary
     log.info("finished: %s (summary.md, results.json, adapter/)", run_dir)

@@ -25,6 +25,8 @@ def test_encoder_run_reports_accuracy_macro_f1_and_mcc(tmp_path: Path) -> None:
     assert budget["target_params"] == 8 * 6 * (4 * (384 + 384) + (384 + 1536) + (1536 + 384))
     assert budget["trainable_params"] == budget["target_params"] + 384 * 8 + 8
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert results["val"]["examples"] == 250 and 0 <= results["val"]["accuracy"] <= 1
+    assert set(results["val"]) == {"examples", "loss", "accuracy", "macro_f1", "mcc"}
 
 
 def test_head_warmup_trains_the_fresh_head_alone_before_calibration(tmp_path: Path) -> None:

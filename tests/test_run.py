@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from conftest import FAST, compose_config
 from omegaconf import OmegaConf
@@ -47,6 +48,10 @@ def test_default_run_writes_every_output(tmp_path: Path) -> None:
     assert 0 <= accuracy["value"] <= 1 and accuracy["stderr"] is not None
     assert "acc" in results["eval"]["base"]["fortune_topics"]
     assert f"| fortune_topics acc | {accuracy['value']:.4f}" in (tmp_path / "summary.md").read_text()
+    # the 250 training rows held out for validation, scored by the mean loss per supervised token
+    val = results["val"]
+    assert val["examples"] == 250 and set(val) == {"examples", "loss"} and 0 < val["loss"] < 20
+    assert f"| validation loss (250 examples) | {val['loss']:.4f} |" in (tmp_path / "summary.md").read_text()
 
 
 PLAIN_PEFT = textwrap.dedent(
@@ -125,3 +130,11 @@ def test_run_stopped_after_first_checkpoint_and_resumed_matches_uninterrupted(tm
     # the uninterrupted run's last checkpoint holds adapter weights only, never the frozen base
     checkpoint = torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)
     assert set(checkpoint["state_dict"]) == {f"model.{k}".replace(".weight", ".default.weight") for k in expected}
+
+
+def test_validation_is_scored_during_training_every_n_steps(tmp_path: Path) -> None:
+    results = train(compose_config([f"run_dir={tmp_path}", *FAST, "method=lora", "eval.val_every_n_steps=10"]))
+    with open(tmp_path / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("val/loss")]
+    assert [int(row["step"]) for row in rows] == [9, 19]  # after optimizer steps 10 and 20 (logged 0-based)
+    assert float(rows[-1]["val/loss"]) == pytest.approx(results["val"]["loss"], rel=1e-5)  # the end is step 20

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctrlora.curvature.runtime import all_reduce_count
+from ctrlora.curvature.hooks import calibration_mode
+from ctrlora.curvature.runtime import all_reduce_count, batch_to_device, input_device
 
 IGNORE_INDEX = -100
 
@@ -187,3 +189,39 @@ def tokens_per_loss_term(batches: Iterable[dict[str, Tensor]], device: torch.dev
     if terms == 0:
         raise ValueError("the calibration batches hold no training-loss terms (every label is -100 or padding)")
     return tokens / terms
+
+
+@dataclass(frozen=True)
+class LossTotals:
+    """The summed loss of some batches with its two normalisers."""
+
+    loss: float  # Σ of the objective's (summed) loss
+    tokens: int  # T, the counted tokens
+    terms: int  # N, the training loss's terms (tokens of a causal LM, sequences of a classifier)
+
+    @property
+    def per_token(self) -> float:
+        """``L / T``: the mean token loss of the curvature estimators."""
+        return self.loss / self.tokens
+
+    @property
+    def per_term(self) -> float:
+        """``L / N``: the training loss's own mean."""
+        return self.loss / self.terms
+
+
+@torch.no_grad()
+def summed_loss(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> LossTotals:
+    """The loss of `model` over `batches` in eval mode (dropout off; modes and flags restored)."""
+    total, tokens, terms, objective = 0.0, 0, 0, None
+    device = input_device(model)
+    with calibration_mode(model, keep_checkpointing=False, input_grads=False):
+        for batch in batches:
+            batch = batch_to_device(batch, device)
+            objective = objective or objective_for(batch)
+            total += float(objective.loss(objective.forward(model, batch), batch))
+            tokens += int(objective.token_mask(batch).sum())
+            terms += objective.loss_terms(batch)
+    if tokens == 0 or terms == 0:
+        raise ValueError("the batches hold no counted tokens (every label is -100 or padding)")
+    return LossTotals(total, tokens, terms)

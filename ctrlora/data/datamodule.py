@@ -1,5 +1,7 @@
 """`FinetuneDataModule`: load, validate and tokenise a training set once; serve training batches
-(`StepSampler`), the calibration loader, and the raw test rows for evaluation.
+(`StepSampler`), the calibration loader, the validation loader (``data.val``, or
+``data.val_fraction`` of the training rows held out by ``data.split_seed``: never trained on, never
+in the calibration subset), and the raw test rows for evaluation.
 
 Under data parallelism the Trainer must not inject its own sampler: build it with
 ``Trainer(use_distributed_sampler=False)``; `StepSampler` shards the batches itself.
@@ -35,6 +37,7 @@ from ctrlora.errors import ConfigError, DataError
 
 TASKS = ("causal_lm", "sequence_classification")
 HF_TEST_SPLIT = "test"  # the split read when data.test is a Hugging Face dataset id
+HF_VALIDATION_SPLIT = "validation"  # the split read when data.val is a Hugging Face dataset id
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class FinetuneDataModule(L.LightningDataModule):
         self._examples: list[TokenizedExample] | None = None
         self._sequences: list[TokenizedExample] = []
         self._test: RowTable | None = None
+        self._val: RowTable | None = None
+        self._val_examples: list[TokenizedExample] = []
         self._labels: list[str | int] | None = None
 
     # -- loading -------------------------------------------------------------------------------
@@ -116,6 +121,11 @@ class FinetuneDataModule(L.LightningDataModule):
         ).head(cfg.max_train_samples)
         if not train.rows:
             raise DataError(f"data.train: '{cfg.train}' holds no rows")
+        if cfg.val:
+            self._val = load_rows(cfg.val, key="data.val", base_dir=self.base_dir, hf_config=cfg.hf_config,
+                                  hf_split=HF_VALIDATION_SPLIT)
+        elif cfg.val_fraction > 0:
+            train, self._val = train.split(cfg.val_fraction, cfg.split_seed)
         if cfg.test:
             self._test = load_rows(
                 cfg.test,
@@ -124,13 +134,16 @@ class FinetuneDataModule(L.LightningDataModule):
                 hf_config=cfg.hf_config,
                 hf_split=HF_TEST_SPLIT,
             )
+        held = [table for table in (self._val, self._test) if table is not None]
         if cfg.format == "classification":
             self._labels = sorted_labels([row.label for row in self._classification_rows(train)])
-            if self._test is not None:
-                self._check_test_labels(self._test)
-        elif self._test is not None:
-            self._render_causal(self._test)  # fail now, naming file and line, not at evaluation time
+            for table in held:
+                self._check_labels(table)
+        else:
+            for table in held:
+                self._render_causal(table)  # fail now, naming file and line, not at evaluation time
         self._examples = self._tokenize(train)
+        self._val_examples = self._tokenize(self._val) if self._val is not None and self._val.rows else []
         self._sequences = pack_examples(self._examples, cfg.max_length) if cfg.packing else self._examples
 
     def _classification_rows(self, table: RowTable) -> list[ClassificationRow]:
@@ -142,12 +155,12 @@ class FinetuneDataModule(L.LightningDataModule):
             for i, row in enumerate(table.rows)
         ]
 
-    def _check_test_labels(self, test: RowTable) -> None:
+    def _check_labels(self, table: RowTable) -> None:
         known = set(self._labels or [])
-        for i, example in enumerate(self._classification_rows(test)):
+        for i, example in enumerate(self._classification_rows(table)):
             if example.label not in known:
                 raise DataError(
-                    f"{test.location(i)}: label {example.label!r} does not occur in data.train "
+                    f"{table.location(i)}: label {example.label!r} does not occur in data.train "
                     f"(labels: {', '.join(map(str, self._labels or []))})"
                 )
 
@@ -196,6 +209,14 @@ class FinetuneDataModule(L.LightningDataModule):
         """The raw rows of ``data.test`` (validated at setup); empty when ``data.test`` is null."""
         self._require_setup()
         return [] if self._test is None else list(self._test.rows)
+
+    def validation_loader(self, batch_size: int) -> DataLoader | None:
+        """The validation examples (``data.val`` or the rows held out of ``data.train``), tokenised like
+        training, in file order; None when the run has no validation split."""
+        self._require_setup()
+        if not self._val_examples:
+            return None
+        return DataLoader(self._val_examples, batch_size=batch_size, shuffle=False, collate_fn=self.collator)
 
     def _data_parallel_position(self) -> tuple[int, int]:
         """(world size, rank) from the attached Trainer; (1, 0) without one."""

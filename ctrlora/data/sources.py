@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ctrlora.errors import DataError
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -27,25 +29,48 @@ class RowTable:
     """Rows of one split plus where each came from, for error messages.
 
     ``line_numbers[i]`` is the 1-based line of row i in a JSON-lines file; ``None`` for sources
-    without lines (a JSON array, parquet, a HF dataset), whose rows are named by 1-based index.
+    without lines (a JSON array, parquet, a HF dataset), whose rows are named by 1-based index
+    (``row_numbers``, once a split has selected some of them).
     """
 
     rows: list[dict[str, Any]]
     origin: str
     line_numbers: Sequence[int] | None = None
+    row_numbers: Sequence[int] | None = None  # 1-based rows of the source when a selection reordered them
 
     def location(self, index: int) -> str:
         """``'data/x.jsonl line 17'`` or ``'data/x.parquet row 17'``."""
         if self.line_numbers is not None:
             return f"{self.origin} line {self.line_numbers[index]}"
-        return f"{self.origin} row {index + 1}"
+        return f"{self.origin} row {self.row_numbers[index] if self.row_numbers is not None else index + 1}"
 
     def head(self, count: int | None) -> RowTable:
         """The first ``count`` rows (all when ``count`` is None)."""
         if count is None:
             return self
-        lines = None if self.line_numbers is None else self.line_numbers[:count]
-        return RowTable(self.rows[:count], self.origin, lines)
+        return self.select(range(min(count, len(self.rows))))
+
+    def select(self, indices: Sequence[int]) -> RowTable:
+        """The rows at `indices`, in that order, each keeping its location (line or original row number)."""
+        lines = None if self.line_numbers is None else [self.line_numbers[i] for i in indices]
+        rows = [self.row_numbers[i] if self.row_numbers is not None else i + 1 for i in indices]
+        return RowTable([self.rows[i] for i in indices], self.origin, lines, None if lines else rows)
+
+    def split(self, fraction: float, seed: int) -> tuple[RowTable, RowTable]:
+        """``(rest, held_out)``: ``round(fraction · n)`` rows drawn by a permutation seeded with `seed`,
+        disjoint from the rest; both keep the file order and every row its location (held_out is
+        empty when the fraction rounds to no row)."""
+        count = len(self.rows)
+        held = round(fraction * count)
+        if held >= count:
+            raise DataError(
+                f"{self.origin}: holding out {held} of its {count} rows for validation leaves none to train on;"
+                " lower data.val_fraction or give data.val"
+            )
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+        held_out = sorted(order[:held])
+        taken = set(held_out)
+        return self.select([i for i in range(count) if i not in taken]), self.select(held_out)
 
 
 def is_local_source(source: str, base_dir: Path | None = None) -> bool:

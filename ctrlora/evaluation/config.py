@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ctrlora.errors import ConfigError
+
 
 @dataclass
 class LocalTaskData:
@@ -53,4 +55,21 @@ class EvalConfig:
         None  # lm-eval's random/numpy/torch/few-shot seeds; null: lm-eval's defaults (0,1234,1234,1234)
     )
     base_row: bool = True  # also report the unadapted backbone (computed once, cached)
+    val_metric: str = "auto"  # what train.py returns to a sweeper: auto (accuracy | loss) | loss | accuracy | macro_f1 | mcc
+    val_every_n_steps: int | None = None  # also score validation during training (metrics.csv: val/...)
     cache_dir: str | None = None  # base rows and generated task YAMLs; null: the caller's cache root
+
+
+CLASSIFIER_METRICS = ("accuracy", "macro_f1", "mcc")
+
+
+def objective_metric(val_metric: str, task: str) -> str:
+    """``eval.val_metric`` resolved: ``auto`` is accuracy for a classifier, loss for a causal LM."""
+    choices = ("auto", "loss", *CLASSIFIER_METRICS)
+    if val_metric not in choices:
+        raise ConfigError(f"eval.val_metric={val_metric!r} is not valid; choose one of {list(choices)}")
+    if val_metric == "auto":
+        return "accuracy" if task == "sequence_classification" else "loss"
+    if val_metric in CLASSIFIER_METRICS and task != "sequence_classification":
+        raise ConfigError(f"eval.val_metric={val_metric} needs a classifier (model.task=sequence_classification)")
+    return val_metric

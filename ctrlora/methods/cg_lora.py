@@ -38,10 +38,8 @@ from transformers import PreTrainedModel
 from ctrlora.allocation import allocate_ranks
 from ctrlora.config import TrainConfig
 from ctrlora.curvature.directional import directional_model
-from ctrlora.curvature.hooks import calibration_mode
-from ctrlora.curvature.objectives import objective_for
+from ctrlora.curvature.objectives import summed_loss
 from ctrlora.curvature.result import CurvatureResult
-from ctrlora.curvature.runtime import batch_to_device, input_device
 from ctrlora.errors import ConfigError
 from ctrlora.methods.adapter_resize import adapter_parameters
 from ctrlora.methods.allocating import (
@@ -64,20 +62,9 @@ from ctrlora.methods.lowrank import (
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def mean_token_loss(model: nn.Module, batches: Iterable[dict[str, Any]]) -> float:
     """``Σ_t ℓ_t / T`` over the counted tokens of `batches` (eval mode, METHODS §3 token rules)."""
-    total, tokens, objective = 0.0, 0, None
-    device = input_device(model)
-    with calibration_mode(model, keep_checkpointing=False, input_grads=False):
-        for batch in batches:
-            batch = batch_to_device(batch, device)
-            objective = objective or objective_for(batch)
-            total += float(objective.loss(objective.forward(model, batch), batch))
-            tokens += int(objective.token_mask(batch).sum())
-    if tokens == 0:
-        raise ValueError("the held-out calibration batches hold no counted tokens")
-    return total / tokens
+    return summed_loss(model, batches).per_token
 
 
 def shift_base_weight(name: str, weight: Tensor, step: Tensor) -> None:

@@ -34,7 +34,8 @@ def prompt_completion_module(
 ) -> FinetuneDataModule:
     rows = [{"prompt": f"question {i}?", "completion": f" answer {i}"} for i in range(NUM_ROWS)]
     cfg = DataConfig(
-        train=str(write_jsonl("train.jsonl", rows)), test=None, format="prompt_completion", batch_size=4
+        train=str(write_jsonl("train.jsonl", rows)), test=None, format="prompt_completion", batch_size=4,
+        val_fraction=0.0,
     )
     module = FinetuneDataModule(cfg, tokenizer, seed=seed, calibration=calibration)
     module.setup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from ctrlora.config import DataConfig
 from ctrlora.data.datamodule import FinetuneDataModule
 from ctrlora.data.sampler import StepSampler
 from ctrlora.data.tokenization import IGNORE_INDEX
+from ctrlora.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPICS = ["computers", "food", "law", "medicine", "politics", "science", "sports", "startrek"]
@@ -28,13 +30,20 @@ def fortune_config() -> DataConfig:
     return OmegaConf.to_object(merged)
 
 
+def whole_train_set() -> DataConfig:
+    """fortune_topics with every training row trained on (no validation split held out)."""
+    cfg = fortune_config()
+    cfg.val_fraction = 0.0
+    return cfg
+
+
 def jsonl_rows(path: str) -> list[dict]:
     return [json.loads(line) for line in (ROOT / path).read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
 def fortunes(tokenizer) -> FinetuneDataModule:
-    module = FinetuneDataModule(fortune_config(), tokenizer, seed=3, base_dir=ROOT)
+    module = FinetuneDataModule(whole_train_set(), tokenizer, seed=3, base_dir=ROOT)
     module.setup()
     return module
 
@@ -63,7 +72,7 @@ def test_fortune_topics_causal_lm_batches_supervise_the_topic(fortunes, tokenize
 
 def test_fortune_topics_for_sequence_classification(tokenizer):
     module = FinetuneDataModule(
-        fortune_config(), tokenizer, task="sequence_classification", seed=0, base_dir=ROOT
+        whole_train_set(), tokenizer, task="sequence_classification", seed=0, base_dir=ROOT
     )
     module.setup()
     train_rows = jsonl_rows(module.cfg.train)
@@ -87,11 +96,11 @@ def test_trainer_sets_rank_world_size_and_resume_point(fortunes):
 
 
 def test_packing_keeps_supervised_tokens(tokenizer):
-    cfg = fortune_config()
+    cfg = whole_train_set()
     cfg.packing = True
     packed = FinetuneDataModule(cfg, tokenizer, base_dir=ROOT)
     packed.setup()
-    plain = FinetuneDataModule(fortune_config(), tokenizer, base_dir=ROOT)
+    plain = FinetuneDataModule(whole_train_set(), tokenizer, base_dir=ROOT)
     plain.setup()
     assert packed.stats.num_sequences < plain.stats.num_sequences
     assert (
@@ -154,3 +163,47 @@ def test_lightning_resume_continues_the_batch_stream(tmp_path: Path, write_jsonl
     first_trainer.save_checkpoint(checkpoint)
     _, second_half = fit(data_path, tokenizer, max_steps=4, ckpt_path=checkpoint)
     assert first_half.seen + second_half.seen == uninterrupted.seen
+
+
+def held_out_lines(module: FinetuneDataModule) -> list[int]:
+    return list(module._val.line_numbers)
+
+
+def test_validation_split_is_deterministic_disjoint_and_never_trained_on(tokenizer):
+    cfg = fortune_config()
+    train_rows = jsonl_rows(cfg.train)
+    modules = [FinetuneDataModule(cfg, tokenizer, seed=seed, base_dir=ROOT) for seed in (0, 1)]
+    for module in modules:
+        module.setup()
+    held = held_out_lines(modules[0])
+    assert held == held_out_lines(modules[1])  # the training seed does not move it: data.split_seed does
+    assert len(held) == round(0.1 * len(train_rows)) == len(set(held))
+    reseeded = FinetuneDataModule(replace(cfg, split_seed=1), tokenizer, base_dir=ROOT)
+    reseeded.setup()
+    assert held_out_lines(reseeded) != held
+
+    module = modules[0]
+    val_texts = {train_rows[line - 1]["text"] for line in held}
+    test_texts = {row["text"] for row in jsonl_rows(cfg.test)}
+    assert not val_texts & test_texts
+    val_sequences = {tuple(ids[m.bool()].tolist()) for b in module.validation_loader(16)
+                     for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True)}
+    assert len(val_sequences) == len(held)
+    trained = {tuple(example["input_ids"]) for example in module._sequences}
+    calibrated = {tuple(ids[m.bool()].tolist()) for b in module.calibration_dataloader()
+                  for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True)}
+    assert not val_sequences & trained and not val_sequences & calibrated
+    assert module.stats.num_examples == len(train_rows) - len(held)
+
+
+def test_a_validation_file_replaces_the_held_out_fraction(tokenizer, tmp_path):
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"text": "Beam me up.", "label": "startrek"}) + "\n")
+    module = FinetuneDataModule(replace(fortune_config(), val=str(val)), tokenizer, base_dir=ROOT)
+    module.setup()
+    assert module.stats.num_examples == len(jsonl_rows(fortune_config().train))
+    assert len(module.validation_loader(4).dataset) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x", "label": "cooking"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl line 1: label 'cooking' does not occur in data.train"):
+        FinetuneDataModule(replace(fortune_config(), val=str(bad)), tokenizer, base_dir=ROOT).setup()
