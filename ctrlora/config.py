@@ -87,6 +87,9 @@ class MethodConfig:
     sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
     cg: CgSettings = field(default_factory=CgSettings)
     ctr: CtrSettings = field(default_factory=CtrSettings)
+    # hydra/sweeper=tpe searches these (Optuna's override grammar): the learning rate for every method,
+    # the method's own knob where it has one (conf/method/ctrlora.yaml, cg_lora.yaml)
+    search: dict[str, str] = field(default_factory=lambda: {"optim.lr": "tag(log, interval(1e-5, 1e-2))"})
 
 
 @dataclass
@@ -257,3 +260,9 @@ def register_configs() -> None:
     """Register the schema that `conf/train.yaml` extends and the `dir_name` resolver (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("dir_name", dir_name, replace=True)
+    OmegaConf.register_new_resolver("val_direction", val_direction, replace=True)
+
+
+def val_direction(val_metric: str, task: str) -> str:
+    """The sweep direction of ``eval.val_metric``: minimize a loss, maximize the classifier metrics."""
+    return "minimize" if objective_metric(val_metric, task) == "loss" else "maximize"

@@ -8,7 +8,9 @@ hydra.run.dir=<job dir>` process, one after another. A job is then exactly a sin
 start their rank processes as they do outside a sweep (Lightning re-runs `sys.argv`, which inside
 Hydra's in-process basic launcher is the whole sweep again), a crash or a non-finite loss in one
 job neither kills nor leaks memory into the next, and the sweep fails at the end if any job did.
-The jobs share the W&B group `WANDB_RUN_GROUP` = the sweep dir's name (unless already set).
+The jobs share the W&B group `WANDB_RUN_GROUP` = the sweep dir's name (unless already set). A job's
+return value — the validation metric `train.py` returns, a sweeper's objective — is read back from
+its results.json.
 
 `ResumingSlurmLauncher` is submitit's SLURM launcher (one array task per run) whose requeued jobs
 resume: when SLURM signals a job near its time limit or on preemption, submitit requeues it with
@@ -19,6 +21,7 @@ continues from its newest checkpoint instead of refusing to touch an unfinished 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -102,8 +105,18 @@ class LocalProcessLauncher(Launcher):
             working_dir=str(job_dir),
             task_name=str(sweep_config.hydra.job.name),
             status=JobStatus.COMPLETED if failure is None else JobStatus.FAILED,
-            _return_value=failure,
+            _return_value=failure if failure is not None else job_objective(job_dir, sweep_config),
         )
+
+
+def job_objective(job_dir: Path, config: DictConfig) -> float | None:
+    """What the job's `train.py` returned, read back from its results.json (a sweeper's objective)."""
+    from ctrlora.evaluation.validation import objective_value
+
+    results = job_dir / "results.json"
+    if not results.exists():
+        return None
+    return objective_value(json.loads(results.read_text()), config.eval.val_metric, config.model.task)
 
 
 def with_resume(overrides: Sequence[str]) -> list[str]:
