@@ -16,7 +16,7 @@ def test_encoder_run_reports_accuracy_macro_f1_and_mcc(tmp_path: Path) -> None:
          "eval=local", "eval.limit=64"]
     ))
     metrics = results["eval"]["fortune_topics"]
-    assert set(metrics) == {"accuracy", "macro_f1", "mcc"}
+    assert set(metrics) == {"accuracy", "macro_f1", "mcc", "predicted_classes"}
     assert 0 <= metrics["accuracy"]["value"] <= 1 and 0 <= metrics["macro_f1"]["value"] <= 1
     assert -1 <= metrics["mcc"]["value"] <= 1
     assert results["eval"]["versions"]["samples"]["fortune_topics"] == 64  # eval.limit of the 645 test quotations
@@ -26,7 +26,7 @@ def test_encoder_run_reports_accuracy_macro_f1_and_mcc(tmp_path: Path) -> None:
     assert budget["trainable_params"] == budget["target_params"] + 384 * 8 + 8
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert results["val"]["examples"] == 250 and 0 <= results["val"]["accuracy"] <= 1
-    assert set(results["val"]) == {"examples", "loss", "accuracy", "macro_f1", "mcc"}
+    assert set(results["val"]) == {"examples", "loss", "accuracy", "macro_f1", "mcc", "predicted_classes"}
 
 
 def test_head_warmup_trains_the_fresh_head_alone_before_calibration(tmp_path: Path) -> None:

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from scipy import stats
+
+from ctrlora.evaluation.classification import PREDICTED_CLASSES
 from ctrlora.evaluation.sections import task_rows
 
 METHOD_ORDER = (  # the reference rows bracket the adapters: frozen encoder first, full fine-tuning last
@@ -49,6 +52,7 @@ class RunRecord:
     trainable_params: int | None
     scores: dict[Column, float]
     base_scores: dict[Column, float]
+    single_class: bool = False  # a classifier that predicted one class for a whole test split
 
 
 @dataclass(frozen=True)
@@ -111,14 +115,19 @@ def load_run(path: Path) -> RunRecord | None:
         trainable_params=budget.get("trainable_params"),
         scores=scores,
         base_scores=flatten(section.get("base", {})),
+        single_class=any(
+            metrics.get(PREDICTED_CLASSES, {}).get("value") == 1 for metrics in task_rows(section).values()
+        ),
     )
 
 
 def flatten(rows: dict[str, Any]) -> dict[Column, float]:
+    """``(task, metric) -> value`` of the scores (the count of predicted classes is a diagnostic, not a score)."""
     return {
         (task, metric): float(value["value"])
         for task, metrics in rows.items()
         for metric, value in metrics.items()
+        if metric != PREDICTED_CLASSES
     }
 
 
@@ -210,8 +219,10 @@ def markdown_table(table: Table) -> str:
         params = f"{row.trainable_params:,.0f}" if row.trainable_params is not None else "–"
         cells = [format_cell(row_cell(row, column), table.best(column)) for column in [*table.columns, None]]
         seeds = str(len(row.runs)) if row.runs else "–"
-        lines.append("| " + " | ".join([row.method, row.budget or "–", params, seeds, *cells]) + " |")
-    return "\n".join(lines) + "\n"
+        collapsed = sum(run.single_class for run in row.runs)
+        method = row.method + (f" ⚠ one class in {collapsed}/{len(row.runs)} seeds" if collapsed else "")
+        lines.append("| " + " | ".join([method, row.budget or "–", params, seeds, *cells]) + " |")
+    return "\n".join(lines) + "\n" + paired_markdown(table)
 
 
 def flat_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
@@ -241,3 +252,67 @@ def write_csv(tables: list[Table], path: Path) -> None:
             if index:
                 writer.writerow([])
             writer.writerows([headers, *rows])
+
+
+REFERENCE_METHOD = "lora"
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``mean_s (score_method(s) − score_reference(s))`` over the seeds both rows ran, with its 95% interval."""
+
+    mean: float
+    half_width: float | None  # t_{0.975, n−1} · sd / √n; None for one seed
+    n: int
+
+
+def paired_difference(method_scores: dict[int, float], reference_scores: dict[int, float]) -> PairedDifference | None:
+    """The paired t-interval of the per-seed differences on the seeds both have (None without any)."""
+    seeds = sorted(method_scores.keys() & reference_scores.keys())
+    if not seeds:
+        return None
+    differences = [method_scores[seed] - reference_scores[seed] for seed in seeds]
+    if len(differences) == 1:
+        return PairedDifference(differences[0], None, 1)
+    half = stats.t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return PairedDifference(statistics.fmean(differences), float(half), len(differences))
+
+
+def reference_row(table: Table, row: TableRow) -> TableRow | None:
+    """The LoRA row a row is paired with: LoRA at the same budget, else the table's only LoRA row."""
+    candidates = [other for other in table.rows if other.method == REFERENCE_METHOD and other.runs]
+    same_budget = [other for other in candidates if other.budget == row.budget]
+    return (same_budget or (candidates if len(candidates) == 1 else [None]))[0]
+
+
+def seed_scores(row: TableRow, column: Column) -> dict[int, float]:
+    return {run.seed: run.scores[column] for run in row.runs if column in run.scores}
+
+
+def paired_markdown(table: Table) -> str:
+    """Per method, the paired difference to LoRA on every column, in points: ``+1.2 [−0.4, +2.8] (n=5)``."""
+    lines = []
+    for row in table.rows:
+        reference = reference_row(table, row)
+        if reference is None or reference is row or not row.runs:
+            continue
+        cells = []
+        for column in table.columns:
+            difference = paired_difference(seed_scores(row, column), seed_scores(reference, column))
+            cells.append(format_difference(difference))
+        lines.append("| " + " | ".join([row.method, row.budget or "–", *cells]) + " |")
+    if not lines:
+        return ""
+    headers = ["method", "budget", *map(table.column_label, table.columns)]
+    title = f"Paired difference to {REFERENCE_METHOD} over the same seeds (points, mean [95% t-interval])"
+    return "\n".join(["", title, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers), *lines]) + "\n"
+
+
+def format_difference(difference: PairedDifference | None) -> str:
+    if difference is None:
+        return "–"
+    mean = f"{100 * difference.mean:+.1f}"
+    if difference.half_width is None:
+        return f"{mean} (n=1)"
+    low, high = 100 * (difference.mean - difference.half_width), 100 * (difference.mean + difference.half_width)
+    return f"{mean} [{low:+.1f}, {high:+.1f}] (n={difference.n})"

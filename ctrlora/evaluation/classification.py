@@ -27,13 +27,14 @@ from ctrlora.data.tokenization import tokenize_classification
 from ctrlora.errors import DataError
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+PREDICTED_CLASSES = "predicted_classes"  # how many distinct classes the model predicted: 1 flags a collapse
 
 
 @torch.no_grad()
 def classification_metrics(
     model: nn.Module, loader: DataLoader, num_classes: int
 ) -> dict[str, dict[str, float | None]]:
-    """``{"accuracy" | "macro_f1" | "mcc": {"value", "stderr"}}`` of `model` on `loader`.
+    """``{"accuracy" | "macro_f1" | "mcc" | "predicted_classes": {"value", "stderr"}}`` of `model` on `loader`.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` (and ``token_type_ids``) and
     integer class ids in ``labels``; the prediction is the argmax of ``model(**inputs).logits``.
@@ -49,12 +50,14 @@ def classification_metrics(
     ).to(device)
     was_training = model.training
     model.eval()
-    count = 0
+    count, predicted = 0, set()
     try:
         for batch in loader:
             inputs = {key: batch[key].to(device) for key in MODEL_INPUTS if key in batch}
             labels = batch["labels"].to(device)
-            metrics.update(model(**inputs).logits.argmax(dim=-1), labels)
+            predictions = model(**inputs).logits.argmax(dim=-1)
+            metrics.update(predictions, labels)
+            predicted.update(predictions.tolist())
             count += labels.numel()
     finally:
         model.train(was_training)
@@ -67,6 +70,7 @@ def classification_metrics(
         "accuracy": {"value": accuracy, "stderr": stderr},
         "macro_f1": {"value": values["macro_f1"], "stderr": None},
         "mcc": {"value": values["mcc"], "stderr": None},
+        PREDICTED_CLASSES: {"value": len(predicted), "stderr": None},
     }
 
 

@@ -20,7 +20,8 @@ from ctrlora.evaluation.config import objective_metric
 
 
 def validation_section(model: nn.Module, datamodule: FinetuneDataModule, batch_size: int) -> dict[str, Any] | None:
-    """``{"examples", "loss", [accuracy, macro_f1, mcc]}`` on the validation split; None without one."""
+    """``{"examples", "loss", [accuracy, macro_f1, mcc, predicted_classes]}`` on the validation split; None
+    without one."""
     loader = datamodule.validation_loader(batch_size)
     if loader is None:
         return None

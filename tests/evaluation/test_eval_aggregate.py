@@ -68,7 +68,8 @@ def test_aggregate_table_statistics_order_and_outputs(tmp_path: Path) -> None:
 
     assert load_script().main([str(tmp_path)]) == 0
     out = tmp_path / "aggregate"
-    lines = (out / "results.md").read_text().splitlines()
+    main_table, paired_table = (out / "results.md").read_text().split("Paired difference to lora")
+    lines = main_table.splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
     header = next(line for line in lines if line.startswith("| method"))
     assert header == (
@@ -81,6 +82,11 @@ def test_aggregate_table_statistics_order_and_outputs(tmp_path: Path) -> None:
         "| lora | r=8 | 16,384 | 3 | 32.0 ± 2.0 | 12.0 ± 2.0 | 22.0 ± 2.0 | 22.0 ± 1.8 |",
         "| dora | r=8 | 16,384 | 1 | 33.0 | **20.0** | 21.0 | 24.7 |",
         "| ctrlora | r=8 | 16,384 | 2 | **38.0 ± 2.8** | 13.0 ± 4.2 | **28.0 ± 2.8** | **26.3 ± 0.5** |",
+    ]
+    # per seed shared with LoRA, method − LoRA; t_{0.975, 1} = 12.706 for two seeds
+    assert [line for line in paired_table.splitlines() if line.startswith("| ") and "method" not in line] == [
+        "| dora | r=8 | +3.0 (n=1) | +10.0 (n=1) | +1.0 (n=1) |",
+        "| ctrlora | r=8 | +6.0 [-44.8, +56.8] (n=2) | +1.0 [-11.7, +13.7] (n=2) | +7.0 [-31.1, +45.1] (n=2) |",
     ]
     with open(out / "results.csv") as file:
         table = {row["method"]: row for row in csv.DictReader(file)}
@@ -123,3 +129,30 @@ def test_variants_make_one_row_per_folder_with_seeds_merged(tmp_path: Path) -> N
     assert set(rows) == {"base", "ctrlora (ctr/lambda0=0)", "ctrlora (ctr/lambda0=0.1)"}
     cell = rows["ctrlora (ctr/lambda0=0)"].cells[("mmlu", "acc")]
     assert cell.n == 2 and cell.mean == pytest.approx(0.4)
+
+
+def test_the_paired_interval_is_the_hand_computed_t_interval() -> None:
+    from ctrlora.evaluation.aggregate import paired_difference
+
+    method = {0: 0.71, 1: 0.74, 2: 0.69, 3: 0.73, 4: 0.70, 7: 0.99}  # seed 7 has no LoRA partner: left out
+    lora = {0: 0.70, 1: 0.71, 2: 0.70, 3: 0.70, 4: 0.68}
+    differences = [0.01, 0.03, -0.01, 0.03, 0.02]
+    mean = sum(differences) / 5
+    sd = (sum((d - mean) ** 2 for d in differences) / 4) ** 0.5
+    result = paired_difference(method, lora)
+    assert result.n == 5 and result.mean == pytest.approx(mean)
+    assert result.half_width == pytest.approx(2.7764451 * sd / 5**0.5, rel=1e-6)  # t_{0.975, 4} from a t table
+
+
+def test_single_class_predictors_are_flagged(tmp_path: Path) -> None:
+    from ctrlora.evaluation.aggregate import build_tables, collect_runs, markdown_table
+
+    for seed, classes in enumerate([1, 8, 1]):
+        path = tmp_path / f"seed{seed}"
+        path.mkdir()
+        metrics = {"accuracy": {"value": 0.3, "stderr": 0.01}, "predicted_classes": {"value": classes, "stderr": None}}
+        run = {"method": "loraplus", "model": "minilm-l6", "seed": seed, "budget": {"rank": 8}}
+        (path / "results.json").write_text(json.dumps({"run": run, "eval": {"topics": metrics}}))
+    table = build_tables(collect_runs(tmp_path))[0]
+    assert table.columns == [("topics", "accuracy")]  # the class count is a diagnostic, not a column
+    assert "| loraplus ⚠ one class in 2/3 seeds | r=8 |" in markdown_table(table)

@@ -74,6 +74,7 @@ def test_classification_metrics_match_the_formulas() -> None:
     accuracy = expected["accuracy"]
     assert metrics["accuracy"]["stderr"] == pytest.approx(math.sqrt(accuracy * (1 - accuracy) / 39))
     assert metrics["macro_f1"]["stderr"] is None and metrics["mcc"]["stderr"] is None
+    assert metrics["predicted_classes"]["value"] == len(set(predictions.tolist()))
 
 
 def test_test_loader_uses_the_training_label_ids(tmp_path) -> None:
