@@ -1,5 +1,5 @@
 """Per-method tuning (EVALUATION §4.1): `hydra/sweeper=tpe` runs a seeded Optuna sweep over the method's
-own search space offline, and scripts/select.py picks the trial with the best validation score."""
+own search space offline, and scripts/select_best.py picks the trial with the best validation score."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_a_three_trial_sweep_runs_offline_and_select_picks_the_best_validation_t
     optuna_best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"]
     assert trials[best_dir]["val"]["loss"] == pytest.approx(optuna_best)  # the local launcher returned val
 
-    spec = importlib.util.spec_from_file_location("select_script", ROOT / "scripts" / "select.py")
+    spec = importlib.util.spec_from_file_location("select_script", ROOT / "scripts" / "select_best.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main([str(sweep), "--seeds", "0,1,2"]) == 0

@@ -1,8 +1,11 @@
 """Each method's best trial of a tuning sweep, by validation score only -> its overrides and seed runs.
 
+(Not `select.py`: a file of that name in scripts/ would shadow the standard library's `select`, which
+`subprocess` imports, for every script run from this folder.)
+
     python train.py -m hydra/sweeper=tpe method=ctrlora experiment=nlu_minilm hydra.sweep.dir=tune/ctrlora
-    python scripts/select.py tune/ctrlora                    # -> tune/ctrlora/selected/*.yaml + commands
-    python scripts/select.py tune/ --seeds 0,1,2,3,4 --out runs/seeds
+    python scripts/select_best.py tune/ctrlora                    # -> tune/ctrlora/selected/*.yaml + commands
+    python scripts/select_best.py tune/ --seeds 0,1,2,3,4 --out runs/seeds
 
 Writes, per (model, method, data), ``SWEEP_DIR/selected/<model>-<method>-<data>.yaml`` (the trial's
 run dir, its validation metric and value, the number of trials, the overrides) and prints the
