@@ -75,6 +75,9 @@ def warm_up_head(
     device, start, losses = input_device(model), time.perf_counter(), []
     try:
         model.eval()
+        for module in model.modules():  # bitsandbytes turns 4-bit weights into an inference-only layout on
+            if getattr(getattr(module, "weight", None), "quant_state", None) is not None:  # an eval-mode,
+                module.train()  # no-grad CPU forward, which training cannot use: these stay in train mode
         for param in requires_grad:
             param.requires_grad_(id(param) in head_ids)
         optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=0.0)
