@@ -156,8 +156,13 @@ class RunParts:
 
 def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
     """Seed, then build tokenizer, data, backbone, method and the Trainer; then the method's ranks and
-    adapters (for a method that shards its calibration across ranks, `fit` builds them: `AdapterSetup`)."""
+    adapters (for a method that shards its calibration across ranks, `fit` builds them: `AdapterSetup`).
+
+    Denormal floats are flushed to zero on CPU: Adam's second moments of tiny gradients fall below
+    fp32's normal range, and x86 arithmetic on denormals is many times slower (CG-LoRA's steps took
+    1.3× LoRA's on bench-small for that alone, 0.94× with the flush)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_flush_denormal(True)
     tokenizer = load_tokenizer(cfg.model)
     datamodule = FinetuneDataModule(
         cfg.data, tokenizer, task=cfg.model.task, seed=cfg.seed, calibration=cfg.calibration, base_dir=Path.cwd()

@@ -72,7 +72,8 @@ def whitened_gradient_svd(
             raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(whitened.shape)}")
         if rank + oversampling >= min(whitened.shape) or max(whitened.shape) <= exact_max_dim:
             left, values, right_t = torch.linalg.svd(whitened, full_matrices=False)
-            return left[:, :rank], values[:rank], right_t[:rank].T
+            # copies, not views: a view would keep the whole U and Vᵀ alive as long as the spectrum
+            return left[:, :rank].clone(), values[:rank].clone(), right_t[:rank].T.clone()
         return randomized_svd(whitened, rank, oversampling, power_iters, seed)
     sketch = curvature.grad_sketch
     if sketch is None:
