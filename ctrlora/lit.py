@@ -2,8 +2,9 @@
 
 Loss = the model's own loss (labels passed through, so PEFT adds AdaLoRA's regulariser) plus the
 method's extra term (CTR-LoRA's trust region); besides the loss ratio, the ratio of the extra
-term's gradient norm to the task gradient's on the parameters it reaches is logged every step. AdamW on the method's parameter groups, linear
-warm-up over `warmup_ratio` of the steps, then cosine decay to zero. Checkpoints hold only the
+term's gradient norm to the task gradient's on the parameters it reaches is logged every step.
+AdamW on the method's parameter groups, linear warm-up over `warmup_ratio` of the steps, then
+cosine decay to zero. Checkpoints hold only the
 trainable weights, the optimizer and scheduler, the method's state and the RNG states — never the
 frozen base weights.
 """
