@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctrlora.curvature.hooks import calibration_mode
 from ctrlora.curvature.runtime import batch_to_device, input_device
 from ctrlora.errors import ConfigError
 
@@ -64,35 +65,22 @@ def warm_up_head(
 ) -> dict[str, Any]:
     """`steps` AdamW steps (lr `lr`) on the head alone, over `batches` in a cycle; the model's loss.
 
-    Every other parameter is frozen and every module in eval mode meanwhile (dropout off, so the head
-    learns the features the calibration passes will see); flags and modes are restored. Returns what
+    Every other parameter is frozen and every module in eval mode meanwhile (`calibration_mode`: dropout
+    off, so the head learns the features the calibration passes will see); flags and modes are restored. Returns what
     ``results.json`` records: steps, lr, first and last loss, seconds.
     """
     head = head_parameters(model, head_modules)
-    head_ids = {id(param) for param in head}
-    requires_grad = {param: param.requires_grad for param in model.parameters()}
-    training = {module: module.training for module in model.modules()}
     device, start, losses = input_device(model), time.perf_counter(), []
-    try:
-        model.eval()
-        for module in model.modules():  # bitsandbytes turns 4-bit weights into an inference-only layout on
-            if getattr(getattr(module, "weight", None), "quant_state", None) is not None:  # an eval-mode,
-                module.train()  # no-grad CPU forward, which training cannot use: these stay in train mode
-        for param in requires_grad:
-            param.requires_grad_(id(param) in head_ids)
+    with calibration_mode(model, keep_checkpointing=False, input_grads=False), torch.enable_grad():
+        for param in head:  # calibration_mode froze everything; it restores every flag on exit
+            param.requires_grad_(True)
         optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=0.0)
-        with torch.enable_grad():
-            for _, batch in zip(range(steps), _cycle(batches), strict=False):
-                loss = model(**batch_to_device(batch, device)).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-    finally:
-        for param, flag in requires_grad.items():
-            param.requires_grad_(flag)
-        for module, mode in training.items():
-            module.training = mode
+        for _, batch in zip(range(steps), _cycle(batches), strict=False):
+            loss = model(**batch_to_device(batch, device)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
     report = {
         "steps": steps, "lr": lr, "loss_first": losses[0], "loss_last": losses[-1],
         "seconds": round(time.perf_counter() - start, 3),

@@ -94,17 +94,21 @@ def calibration_mode(model: nn.Module, *, keep_checkpointing: bool, input_grads:
     ``keep_checkpointing`` the blocks that have activation checkpointing enabled are themselves
     put in train mode (their children stay in eval), so checkpointing still saves memory. With
     ``input_grads`` the input embeddings' output requires grad, so gradients reach every layer
-    of a frozen model (HF's `enable_input_require_grads`). All flags are restored on exit.
+    of a frozen model (HF's `enable_input_require_grads`). Layers with 4-bit weights stay in train
+    mode (they have no dropout): bitsandbytes repacks 4-bit weights into an inference-only layout on
+    an eval-mode CPU forward without input grads, which later training cannot use. All flags are
+    restored on exit.
     """
     training = {module: module.training for module in model.modules()}
     requires_grad = {param: param.requires_grad for param in model.parameters()}
     handle = None
     try:
         model.eval()
-        if keep_checkpointing:
-            for module in model.modules():
-                if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-                    module.training = True
+        for module in model.modules():
+            checkpointed = isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing
+            quantized = getattr(getattr(module, "weight", None), "quant_state", None) is not None
+            if (keep_checkpointing and checkpointed) or quantized:
+                module.training = True
         for param in requires_grad:
             param.requires_grad_(False)
         embeddings = input_embeddings(model)

@@ -171,6 +171,11 @@ def objective_for(batch: dict[str, Tensor]) -> Objective:
     )
 
 
+def counts(objective: Objective, batch: dict[str, Tensor]) -> tuple[int, int]:
+    """``(T, N)`` of one batch: its counted tokens and its training-loss terms."""
+    return int(objective.token_mask(batch).sum()), objective.loss_terms(batch)
+
+
 def tokens_per_loss_term(batches: Iterable[dict[str, Tensor]], device: torch.device) -> float:
     """``T / N`` over `batches` (summed over data-parallel ranks): counted tokens per training-loss term.
 
@@ -180,11 +185,9 @@ def tokens_per_loss_term(batches: Iterable[dict[str, Tensor]], device: torch.dev
     are all-reduced (the model's input device).
     """
     tokens = terms = 0
-    objective = None
     for batch in batches:
-        objective = objective or objective_for(batch)
-        tokens += int(objective.token_mask(batch).sum())
-        terms += objective.loss_terms(batch)
+        batch_tokens, batch_terms = counts(objective_for(batch), batch)
+        tokens, terms = tokens + batch_tokens, terms + batch_terms
     tokens, terms = all_reduce_count(tokens, device), all_reduce_count(terms, device)
     if terms == 0:
         raise ValueError("the calibration batches hold no training-loss terms (every label is -100 or padding)")
@@ -220,8 +223,8 @@ def summed_loss(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> LossT
             batch = batch_to_device(batch, device)
             objective = objective or objective_for(batch)
             total += float(objective.loss(objective.forward(model, batch), batch))
-            tokens += int(objective.token_mask(batch).sum())
-            terms += objective.loss_terms(batch)
+            batch_tokens, batch_terms = counts(objective, batch)
+            tokens, terms = tokens + batch_tokens, terms + batch_terms
     if tokens == 0 or terms == 0:
         raise ValueError("the batches hold no counted tokens (every label is -100 or padding)")
     return LossTotals(total, tokens, terms)

@@ -54,7 +54,7 @@ class RowTable:
         """The rows at `indices`, in that order, each keeping its location (line or original row number)."""
         lines = None if self.line_numbers is None else [self.line_numbers[i] for i in indices]
         rows = [self.row_numbers[i] if self.row_numbers is not None else i + 1 for i in indices]
-        return RowTable([self.rows[i] for i in indices], self.origin, lines, None if lines else rows)
+        return RowTable([self.rows[i] for i in indices], self.origin, lines, rows if lines is None else None)
 
     def split(self, fraction: float, seed: int) -> tuple[RowTable, RowTable]:
         """``(rest, held_out)``: ``round(fraction · n)`` rows drawn by a permutation seeded with `seed`,

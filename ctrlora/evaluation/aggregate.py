@@ -141,12 +141,12 @@ def collect_runs(root: Path, variants: bool = False) -> list[RunRecord]:
     records = []
     for path in sorted(Path(root).rglob("results.json")):
         record = load_run(path)
-        if record is not None and variants:
-            parts = [part for part in path.parent.relative_to(root).parts if not part.startswith("seed=")]
-            variant = "/".join(parts)
-            record = replace(record, method=f"{record.method} ({variant})" if variant not in ("", record.method) else record.method)
-        if record is not None:
-            records.append(record)
+        if record is None:
+            continue
+        variant = "/".join(part for part in path.parent.relative_to(root).parts if not part.startswith("seed="))
+        if variants and variant not in ("", record.method):
+            record = replace(record, method=f"{record.method} ({variant})")
+        records.append(record)
     return records
 
 

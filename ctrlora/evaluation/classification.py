@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
 
+from ctrlora.curvature.hooks import calibration_mode
 from ctrlora.data.datamodule import FinetuneDataModule
 from ctrlora.data.formats import classification_row
 from ctrlora.data.tokenization import tokenize_classification
@@ -48,10 +49,8 @@ def classification_metrics(
             "mcc": MulticlassMatthewsCorrCoef(num_classes),
         }
     ).to(device)
-    was_training = model.training
-    model.eval()
     count, predicted = 0, set()
-    try:
+    with calibration_mode(model, keep_checkpointing=False, input_grads=False):  # eval mode, safe mid-training
         for batch in loader:
             inputs = {key: batch[key].to(device) for key in MODEL_INPUTS if key in batch}
             labels = batch["labels"].to(device)
@@ -59,8 +58,6 @@ def classification_metrics(
             metrics.update(predictions, labels)
             predicted.update(predictions.tolist())
             count += labels.numel()
-    finally:
-        model.train(was_training)
     if count == 0:
         raise DataError("classification_metrics: the loader yielded no examples")
     values = {name: float(value) for name, value in metrics.compute().items()}

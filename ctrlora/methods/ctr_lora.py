@@ -9,9 +9,9 @@
 2. Trust region: ``L_task + λ(t) · ½ Σ_l ‖s_l (B_l A_l − B⁰_l A⁰_l)‖²_{M_l}`` with the damped
    raw Kronecker metric ``M_l = (T/N) S_g ⊗ S_a`` (``ctr.metric: fisher``: the K-FAC model of the
    training loss, so λ is dimensionless) or its unit-mean form (``normalized``), from r×r Gram
-   matrices (`trust_region`), λ annealed from ``ctr.lambda0``. The anchor ``B⁰A⁰`` is 0 except for inits that move the base
-   weights (``ctr.compose: pissa``), where the displacement from the pretrained weight is
-   ``s(BA − B⁰A⁰)``.
+   matrices (`trust_region`), λ annealed from ``ctr.lambda0``. The anchor ``B⁰A⁰`` is 0 except
+   for inits that move the base weights (``ctr.compose: pissa``), where the displacement from the
+   pretrained weight is ``s(BA − B⁰A⁰)``.
 3. Refresh (`ctr_refresh`): every ``ctr.refresh_every`` steps the factors are re-estimated at the
    current weights (calibration set, or the training batches' own statistics), and with
    ``ctr.reallocate`` rank units move between adapted modules (grow/shrink, `adapter_resize`) when
