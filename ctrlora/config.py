@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
@@ -87,7 +88,7 @@ class MethodConfig:
     sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
     cg: CgSettings = field(default_factory=CgSettings)
     ctr: CtrSettings = field(default_factory=CtrSettings)
-    # hydra/sweeper=tpe searches these (Optuna's override grammar): the learning rate for every method,
+    # hydra/sweeper=optuna searches these (Optuna's override grammar): the learning rate for every method,
     # the method's own knob where it has one (conf/method/ctrlora.yaml, cg_lora.yaml)
     search: dict[str, str] = field(default_factory=lambda: {"optim.lr": "tag(log, interval(1e-5, 1e-2))"})
 
@@ -257,8 +258,18 @@ def dir_name(overrides: str, max_length: int = 120) -> str:
 
 
 def register_configs() -> None:
-    """Register the schema that `conf/train.yaml` extends and the `dir_name` resolver (idempotent)."""
+    """Register the schema that `conf/train.yaml` extends, ``hydra/sweeper=optuna`` (when
+    hydra-optuna-sweeper is installed) and the resolvers (idempotent). Hydra's plugin scan runs
+    first: it re-executes every plugin module, and the Optuna plugin's would otherwise re-store its
+    own ``optuna`` option over ctrlora's."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    Plugins.instance()
+    try:
+        from hydra_plugins.ctrlora_launchers.search import register_sweeper_config
+    except ImportError:  # hydra-optuna-sweeper missing: hydra/sweeper=optuna is then not a choice
+        pass
+    else:
+        register_sweeper_config()
     OmegaConf.register_new_resolver("dir_name", dir_name, replace=True)
     OmegaConf.register_new_resolver("val_direction", val_direction, replace=True)
 

@@ -53,3 +53,25 @@ def test_head_warmup_defaults_to_a_fixed_count_with_a_fresh_head_and_none_withou
 
     assert head_warmup_steps(None, ["classifier"]) == HEAD_WARMUP_STEPS > 0
     assert head_warmup_steps(None, []) == 0 and head_warmup_steps(7, ["classifier"]) == 7
+
+
+def test_qlora_quantizes_the_encoder_projections_but_not_the_trained_head(tmp_path: Path) -> None:
+    """QLoRA on the encoder: the adapted projections' base weights are 4-bit (NF4), the classifier head
+    that is trained stays a full-precision nn.Linear (a 4-bit head could not be trained), and a step
+    of training moves it."""
+    import bitsandbytes as bnb
+    from omegaconf import OmegaConf
+
+    from ctrlora.run import assemble
+
+    overrides = ["model=minilm-l6", "method=qlora", f"run_dir={tmp_path}", *FAST, "trainer.max_steps=2",
+                 "calibration.head_warmup_steps=0", "eval=none"]
+    run = assemble(OmegaConf.to_object(compose_config(overrides)), tmp_path)
+    modules = dict(run.model.named_modules())
+    query = modules["base_model.model.bert.encoder.layer.0.attention.self.query"]
+    head = modules["base_model.model.classifier.modules_to_save.default"]
+    assert isinstance(query.base_layer, bnb.nn.Linear4bit) and query.base_layer.weight.quant_type == "nf4"
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32 and head.weight.requires_grad
+    before = head.weight.detach().clone()
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert not torch.equal(before, head.weight.detach())

@@ -1,6 +1,5 @@
-"""The NLU study's pipeline (experiments/nlu_minilm): the preset's sweep on the real all-MiniLM-L6-v2
-encoder for one seed and a handful of steps — a reference row, a curvature method and QLoRA (whose
-trained head must stay unquantised) — then the aggregated table."""
+"""The NLU study (experiments/nlu_minilm): its study file covers every method and CTR-LoRA ablation on both
+tasks, and scripts/study.py tunes, selects, runs seeds and aggregates on the real all-MiniLM-L6-v2 encoder."""
 
 from __future__ import annotations
 
@@ -11,19 +10,30 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
+from ctrlora.study import load_study
 
-def test_the_study_preset_sweeps_every_method_and_both_reference_rows_over_three_seeds() -> None:
+
+def test_the_study_tunes_every_method_and_ctr_ablation_on_both_tasks_with_one_budget() -> None:
+    study = load_study(ROOT / "experiments" / "nlu_minilm" / "study.yaml")
+    methods = {item.split("=", 1)[1] for overrides in study.variants.values() for item in overrides if item.startswith("method=")}
+    assert methods == {
+        "head_only", "lora", "qlora", "adalora", "dora", "pissa", "loraplus", "sensitivity_lora", "cg_lora", "ctrlora", "full_ft",
+    }
+    ablations = {name: set(o) for name, o in study.variants.items() if "method=ctrlora" in o and name != "ctrlora"}
+    assert ablations == {
+        "no_trust_region": {"method=ctrlora", "method.ctr.trust_region=false"},
+        "uniform": {"method=ctrlora", "method.ctr.allocation=uniform"},
+        "neither": {"method=ctrlora", "method.ctr.allocation=uniform", "method.ctr.trust_region=false"},
+    }
+    assert set(study.tasks) == {"fortune_topics", "wordnet_hypernyms"} and len(study.seeds) >= 5
+    assert study.tune_seed not in study.seeds  # the table's seeds are not the one the settings were picked on
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("train", overrides=["experiment=nlu_minilm"], return_hydra_config=True)
-    params = cfg.hydra.sweeper.params
-    methods = params.method.split(",")
-    assert set(methods) == {
-        "head_only", "lora", "qlora", "adalora", "dora", "pissa", "loraplus", "sensitivity_lora", "cg_lora", "ctrlora",
-    }  # full_ft is the second command (its own learning rate)
-    assert params.seed == "0,1,2" and cfg.model.name == "minilm-l6" and cfg.hydra.sweep.dir == "experiments/nlu_minilm/runs"
+        cfg = compose("train", overrides=[f"experiment={study.experiment}", *study.tasks["wordnet_hypernyms"]])
+    assert cfg.model.name == "minilm-l6" and cfg.data.val_fraction == 0.1 and cfg.data.text_pair_field == "category"
 
 
 def test_the_ctr_ablation_preset_sweeps_lambda0_and_schedules_into_one_folder_per_setting() -> None:
@@ -37,26 +47,42 @@ def test_the_ctr_ablation_preset_sweeps_lambda0_and_schedules_into_one_folder_pe
 
 
 @pytest.mark.slow
-def test_one_seed_of_the_study_runs_and_aggregates(tmp_path: Path) -> None:
-    sweep = tmp_path / "runs"
-    command = [
-        sys.executable, "train.py", "-m", "experiment=nlu_minilm", "method=head_only,qlora,ctrlora", "seed=0",
-        f"hydra.sweep.dir={sweep}", "trainer.max_steps=3", "trainer.progress_bar=false", "calibration.num_samples=16",
-        "eval.limit=32",
-    ]
+def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_variant(tmp_path: Path) -> None:
+    """scripts/study.py on the real encoder, a handful of steps: a reference row and a CTR-LoRA ablation
+    (its row labelled by its variant), two trials each, one seed; then aggregate and evaluate.py."""
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "out": str(tmp_path / "runs"), "experiment": "nlu_minilm", "trials": 2, "seeds": [1],
+        "overrides": ["trainer.progress_bar=false", "trainer.max_steps=3", "calibration.num_samples=16",
+                      "calibration.head_warmup_steps=5", "eval.limit=32"],
+        "tasks": {"fortune_topics": ["data=fortune_topics"]},
+        "variants": {"head_only": ["method=head_only"], "uniform": ["method=ctrlora", "method.ctr.allocation=uniform"]},
+    }))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "scripts/study.py", str(study)]
     subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
-    assert sorted(p.parent.parent.name for p in sweep.rglob("results.json")) == ["ctrlora", "head_only", "qlora"]
+    record = json.loads((tmp_path / "runs" / "study.json").read_text())
+    pairs = {pair["variant"]: pair for pair in record["pairs"]}
+    assert set(pairs) == {"head_only", "uniform"} and all("error" not in pair for pair in pairs.values())
+    for variant, pair in pairs.items():
+        trials = list((tmp_path / "runs" / "tune" / "fortune_topics" / variant).rglob("results.json"))
+        best = max(trials, key=lambda path: json.loads(path.read_text())["val"]["accuracy"])
+        assert len(trials) == 2 and pair["val"] == json.loads(best.read_text())["val"]["accuracy"]
+        seed_run = tmp_path / "runs" / "seeds" / "fortune_topics" / variant / "seed=1"
+        config = yaml.safe_load((seed_run / "config.yaml").read_text())
+        tuned = [item for item in pair["overrides"] if item.startswith("optim.lr=")]
+        assert config["seed"] == 1 and tuned and config["optim"]["lr"] == float(tuned[0].split("=")[1])
 
-    aggregate = [sys.executable, "scripts/aggregate.py", str(sweep)]
+    seeds = tmp_path / "runs" / "seeds"
+    aggregate = [sys.executable, "scripts/aggregate.py", str(seeds), "--variants"]
     table = subprocess.run(aggregate, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert "fortune_topics (accuracy)" in rows[0]
-    assert [row.split("|")[1].strip() for row in rows[1:]] == ["head_only", "qlora", "ctrlora"]
+    assert [row.split("|")[1].split("⚠")[0].strip() for row in rows[1:]] == ["head_only", "ctrlora (uniform)"]
     head_only = rows[1].split("|")
     assert head_only[2].strip() == "–" and head_only[3].strip() == "3,080"  # no budget; 384·8 + 8 head weights
 
-    head_only_dir = sweep / "fortune_topics" / "head_only" / "seed=0"  # evaluate.py reloads the saved model
+    head_only_dir = seeds / "fortune_topics" / "head_only" / "seed=1"  # evaluate.py reloads the saved model
     recorded = json.loads((head_only_dir / "results.json").read_text())["eval"]["fortune_topics"]
     evaluate = [sys.executable, "evaluate.py", f"run_dir={head_only_dir}"]
     subprocess.run(evaluate, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)

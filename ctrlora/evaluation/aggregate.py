@@ -135,15 +135,18 @@ def collect_runs(root: Path, variants: bool = False) -> list[RunRecord]:
     """Every evaluated run under `root` (``**/results.json``), in path order.
 
     ``variants``: runs of one method in different folders are different rows, labelled by the folder
-    (its path under `root`, ``seed=*`` parts left out), e.g. ``ctrlora (lambda0=0.05,cosine)``: how an
-    ablation study lays out its settings.
+    (its path under `root`, ``seed=*`` parts and parts named like the run's task left out), e.g.
+    ``ctrlora (lambda0=0.05,cosine)``: how an ablation study lays out its settings
+    (``scripts/study.py`` writes ``<task>/<variant>/seed=<s>``).
     """
     records = []
     for path in sorted(Path(root).rglob("results.json")):
         record = load_run(path)
         if record is None:
             continue
-        variant = "/".join(part for part in path.parent.relative_to(root).parts if not part.startswith("seed="))
+        tasks = {task for task, _ in record.scores}
+        parts = path.parent.relative_to(root).parts
+        variant = "/".join(part for part in parts if not part.startswith("seed=") and part not in tasks)
         if variants and variant not in ("", record.method):
             record = replace(record, method=f"{record.method} ({variant})")
         records.append(record)

@@ -1,0 +1,146 @@
+"""A fair comparison from one study file (EVALUATION §4.1): per task and variant, tune, select, seeds.
+
+    python scripts/study.py experiments/nlu_minilm/study.yaml             # resumable; --jobs 2
+    python scripts/aggregate.py experiments/nlu_minilm/runs/seeds --variants
+
+The study file (YAML) names the output folder ``out``, the ``experiment`` preset, the ``tasks`` and
+the ``variants`` (each a name -> a list of train.py overrides; a variant's name is its row label),
+the trial budget ``trials`` and the ``seeds``. For every (variant, task), variants in the file's
+order and all of a variant's tasks before the next variant:
+
+1. tune: ``train.py -m hydra/sweeper=optuna`` with ``trials`` seeded-TPE trials over the method's
+   own search space (``method.search``), scored on the validation split, at seed ``tune_seed``;
+   into ``OUT/tune/<task>/<variant>``;
+2. select: its best trial on validation (ctrlora.evaluation.selection; test scores are never read),
+   written to ``OUT/tune/<task>/<variant>/selected/``;
+3. seeds: the best trial's overrides at every seed, into ``OUT/seeds/<task>/<variant>/seed=<s>``.
+
+Every command runs with ``resume=true`` and the local launcher (one process per run), so running
+the study again skips finished runs and continues a cut-off one from its checkpoint, and the seeded
+TPE proposes the same trials again (the finished ones return their stored objective). ``--jobs``
+(variant, task) pairs run at once, each with ``OMP_NUM_THREADS`` = cores / jobs. Each pair's output
+goes to ``OUT/logs/<task>-<variant>.log``; ``OUT/study.json`` records the selections and the wall
+time of every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from ctrlora.errors import ConfigError
+from ctrlora.evaluation.selection import best_trials, seed_run_overrides
+
+STUDY_KEYS = {"out", "experiment", "tasks", "variants", "trials", "seeds", "tune_seed", "overrides"}
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed study file."""
+
+    out: Path
+    experiment: str
+    tasks: dict[str, list[str]]
+    variants: dict[str, list[str]]
+    trials: int
+    seeds: list[int]
+    tune_seed: int = 0
+    overrides: list[str] = field(default_factory=list)  # for every run (e.g. trainer.progress_bar=false)
+
+
+def load_study(path: Path) -> Study:
+    """Read and check a study file; unknown or missing keys name the file and the valid keys."""
+    raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a study file is a mapping with keys {sorted(STUDY_KEYS)}")
+    unknown, missing = set(raw) - STUDY_KEYS, {"out", "experiment", "tasks", "variants", "trials", "seeds"} - set(raw)
+    if unknown or missing:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)};"
+                          f" valid keys: {sorted(STUDY_KEYS)}")
+    return Study(out=Path(raw["out"]), experiment=raw["experiment"], tasks=raw["tasks"], variants=raw["variants"],
+                 trials=int(raw["trials"]), seeds=[int(s) for s in raw["seeds"]],
+                 tune_seed=int(raw.get("tune_seed", 0)), overrides=list(raw.get("overrides", [])))
+
+
+def tune_command(study: Study, task: str, variant: str) -> list[str]:
+    """The seeded-TPE sweep of one (variant, task) on the validation split."""
+    return [
+        sys.executable, "train.py", "-m", "hydra/sweeper=optuna", "hydra/launcher=local",
+        f"experiment={study.experiment}", *study.tasks[task], *study.variants[variant], *study.overrides,
+        f"seed={study.tune_seed}", f"hydra.sweeper.n_trials={study.trials}",
+        f"hydra.sweep.dir={study.out / 'tune' / task / variant}", "resume=true",
+    ]
+
+
+def seeds_command(study: Study, task: str, variant: str, selected: list[str]) -> list[str]:
+    """The runs at the selected overrides, one per seed."""
+    return [
+        sys.executable, "train.py", "-m", "hydra/launcher=local", *selected,
+        f"seed={','.join(map(str, study.seeds))}", f"hydra.sweep.dir={study.out / 'seeds' / task / variant}",
+        'hydra.sweep.subdir="seed=${seed}"', "resume=true",
+    ]
+
+
+def run_pair(study: Study, task: str, variant: str, env: dict[str, str], root: Path) -> dict[str, Any]:
+    """Tune, select and run the seeds of one (variant, task); its record for study.json."""
+    log_path = study.out / "logs" / f"{task}-{variant}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"task": task, "variant": variant}
+    with log_path.open("a") as log:
+        start = time.perf_counter()
+        tuned = subprocess.run(tune_command(study, task, variant), cwd=root, env=env, stdout=log, stderr=log)
+        record["tune_s"] = round(time.perf_counter() - start, 1)
+        best = best_trials(study.out / "tune" / task / variant)
+        if tuned.returncode != 0 or len(best) != 1:
+            return {**record, "error": f"tuning exited with {tuned.returncode}, {len(best)} selectable groups; see {log_path}"}
+        ((trial, count),) = best.values()
+        selected = seed_run_overrides(trial)
+        record.update(best_run=str(trial.run_dir), trials=count, val_metric=trial.metric, val=trial.value, overrides=selected)
+        start = time.perf_counter()
+        seeded = subprocess.run(seeds_command(study, task, variant, selected), cwd=root, env=env, stdout=log, stderr=log)
+        record["seeds_s"] = round(time.perf_counter() - start, 1)
+        if seeded.returncode != 0:
+            record["error"] = f"seed runs exited with {seeded.returncode}; see {log_path}"
+    return record
+
+
+def run_study(study: Study, jobs: int, root: Path, console: Console) -> list[dict[str, Any]]:
+    """Every (variant, task) pair, `jobs` at a time; writes OUT/study.json after each pair (the pairs'
+    records, replacing those of an earlier invocation, and every invocation's wall time)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    pairs = [(task, variant) for variant in study.variants for task in study.tasks]
+    summary_path = study.out / "study.json"
+    earlier = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    invocations = [*earlier.get("invocations", []), {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_h": 0.0}]
+    by_pair = {(r["task"], r["variant"]): r for r in earlier.get("pairs", [])}
+    records: list[dict[str, Any]] = []
+    lock, start = threading.Lock(), time.perf_counter()
+
+    def one(pair: tuple[str, str]) -> None:
+        record = run_pair(study, *pair, env=env, root=root)
+        with lock:
+            records.append(record)
+            status = f"[red]{record['error']}[/red]" if "error" in record else f"validation {record['val']:.4f}"
+            console.print(f"[{len(records)}/{len(pairs)}] {pair[1]} on {pair[0]}: {status}"
+                          f" ({(time.perf_counter() - start) / 3600:.2f} h so far)")
+            by_pair[pair] = record
+            invocations[-1]["wall_h"] = round((time.perf_counter() - start) / 3600, 3)
+            summary = {"study": {**study.__dict__, "out": str(study.out)}, "pairs": list(by_pair.values()),
+                       "invocations": invocations}
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+
+    study.out.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, pairs))
+    return records

@@ -1,0 +1,35 @@
+"""Run a comparison study: per task and variant, tune on validation, select, then the seed runs.
+
+    python scripts/study.py experiments/nlu_minilm/study.yaml              # two (variant, task) pairs at a time
+    python scripts/study.py experiments/nlu_minilm/study.yaml --jobs 1     # one at a time, all cores each
+    python scripts/aggregate.py experiments/nlu_minilm/runs/seeds --variants  # the table
+
+Rerunning the same command finishes an interrupted study (every run is started with resume=true).
+See ctrlora/study.py for the study file and the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from ctrlora.study import load_study, run_study
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", type=Path, help="the study file (YAML)")
+    parser.add_argument("--jobs", type=int, default=2, help="(variant, task) pairs run at once")
+    args = parser.parse_args(argv)
+    records = run_study(load_study(args.study), args.jobs, ROOT, Console())
+    failed = [r for r in records if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
