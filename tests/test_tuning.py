@@ -1,5 +1,5 @@
 """Per-method tuning (EVALUATION §4.1): `hydra/sweeper=optuna` runs a seeded Optuna sweep over the method's
-own search space offline, and scripts/select.py picks the trial with the best validation score."""
+own search space offline, and scripts/select_best.py picks the trial with the best validation score."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_a_three_trial_sweep_runs_offline_and_select_picks_the_best_validation_t
     optuna_best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"]
     assert trials[best_dir]["val"]["loss"] == pytest.approx(optuna_best)  # the local launcher returned val
 
-    select = [sys.executable, "scripts/select.py", str(sweep), "--seeds", "0,1,2"]  # as a user runs it
+    select = [sys.executable, "scripts/select_best.py", str(sweep), "--seeds", "0,1,2"]  # as a user runs it
     printed = subprocess.run(select, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=120).stdout
     assert "best of 3 trials" in printed and "seed=0,1,2" in printed
     selected = yaml.safe_load((sweep / "selected" / "tiny-llama-lora-fortune_topics.yaml").read_text())

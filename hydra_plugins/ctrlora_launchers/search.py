@@ -8,7 +8,7 @@ whole config is composed: ``method.search``, then any ``hydra.sweeper.params`` g
 (which win). Everything else — seeded TPE, trials, directions, launchers — is Optuna's sweeper.
 
     python train.py -m hydra/sweeper=optuna method=ctrlora      # + hydra/launcher=slurm on a cluster
-    python scripts/select.py multirun/<sweep dir>               # the best trial -> overrides + seed runs
+    python scripts/select_best.py multirun/<sweep dir>               # the best trial -> overrides + seed runs
 
 Each trial's objective is what train.py returns: ``eval.val_metric`` on the validation split
 (maximized for the classifier metrics, minimized for a loss); test scores are never read.

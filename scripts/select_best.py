@@ -1,28 +1,26 @@
 """Each method's best trial of a tuning sweep, by validation score only -> its overrides and seed runs.
 
     python train.py -m hydra/sweeper=optuna method=ctrlora experiment=nlu_minilm hydra.sweep.dir=tune/ctrlora
-    python scripts/select.py tune/ctrlora                    # -> tune/ctrlora/selected/*.yaml + commands
-    python scripts/select.py tune/ --seeds 0,1,2,3,4 --out runs/seeds
+    python scripts/select_best.py tune/ctrlora                    # -> tune/ctrlora/selected/*.yaml + commands
+    python scripts/select_best.py tune/ --seeds 0,1,2,3,4 --out runs/seeds
+
+(EVALUATION §4.1 calls it `scripts/select.py`; a file of that name in scripts/ would stand in for the
+standard library's `select`, which `subprocess` imports, in every script run from this folder.)
 
 Writes, per (model, method, data), ``SWEEP_DIR/selected/<model>-<method>-<data>.yaml`` (the trial's
 run dir, its validation metric and value, the number of trials, the overrides) and prints the
 command that reruns those overrides over the seeds. See ctrlora/evaluation/selection.py.
 """
 
-import os
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path, where this file would stand in for the
-# standard library's `select` (which `subprocess` imports) in every module imported below: drop it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
+import yaml
 
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import yaml  # noqa: E402
-
-from ctrlora.evaluation.selection import best_trials, seed_run_command, seed_run_overrides  # noqa: E402
+from ctrlora.evaluation.selection import best_trials, seed_run_command, seed_run_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
