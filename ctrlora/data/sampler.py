@@ -1,7 +1,8 @@
 """`StepSampler`: an infinite, resumable, DDP-exact batch sampler for step-based training.
 
 The stream of example indices is the concatenation of seeded permutations of ``range(N)``:
-epoch e is ``randperm(N, seed + e)``. Stream position p holds ``perm_{p // N}[p % N]``. Global
+epoch e is ``randperm(N)`` from a generator seeded with `epoch_seed(seed, e)`, a hash of the pair
+(not ``seed + e``, under which seed s + 1 would see seed s's orders shifted by one epoch). Stream position p holds ``perm_{p // N}[p % N]``. Global
 batch k is stream positions ``[k·B·W, (k+1)·B·W)`` (B = per-rank batch size, W = world size), and
 rank r takes its r-th slice ``[k·B·W + r·B, k·B·W + (r+1)·B)``. Hence
 
@@ -17,10 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from ctrlora.errors import ConfigError
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 64-bit seed for (run seed, epoch): NumPy's SeedSequence hash of the pair, so distinct pairs
+    give unrelated permutations."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0])
 
 
 class StepSampler(Sampler[list[int]]):
@@ -56,9 +64,9 @@ class StepSampler(Sampler[list[int]]):
         self._cached_epoch: tuple[int, list[int]] | None = None
 
     def permutation(self, epoch: int) -> list[int]:
-        """``randperm(N)`` drawn from a generator seeded with ``seed + epoch``."""
+        """``randperm(N)`` drawn from a generator seeded with ``epoch_seed(seed, epoch)``."""
         if self._cached_epoch is None or self._cached_epoch[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._cached_epoch = (epoch, torch.randperm(self.num_examples, generator=generator).tolist())
         return self._cached_epoch[1]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ctrlora.data.sampler import StepSampler
+from ctrlora.data.sampler import StepSampler, epoch_seed
 from ctrlora.errors import ConfigError
 
 
@@ -20,7 +20,7 @@ def test_stream_is_the_concatenation_of_seeded_permutations():
     num_examples, batch_size, seed = 10, 4, 7
     batches = take(StepSampler(num_examples, batch_size, seed=seed), 10)  # 40 positions = 4 epochs
     permutations = [
-        torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        torch.randperm(num_examples, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch))).tolist()
         for epoch in range(4)
     ]
     assert [index for batch in batches for index in batch] == sum(permutations, [])
@@ -30,6 +30,14 @@ def test_stream_is_the_concatenation_of_seeded_permutations():
 def test_deterministic_and_seed_dependent():
     assert take(StepSampler(50, 8, seed=1), 20) == take(StepSampler(50, 8, seed=1), 20)
     assert take(StepSampler(50, 8, seed=1), 20) != take(StepSampler(50, 8, seed=2), 20)
+
+
+def test_neighbouring_seeds_do_not_share_epoch_orders():
+    """Seed s + 1's first epoch is not seed s's second (as it was with seeds s + e): the seed runs of a
+    study see unrelated data orders."""
+    orders = {seed: StepSampler(50, 10, seed=seed) for seed in range(4)}
+    epochs = [tuple(orders[seed].permutation(epoch)) for seed in range(4) for epoch in range(3)]
+    assert len(set(epochs)) == len(epochs)
 
 
 @pytest.mark.parametrize("world_size", [1, 3])
