@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)" -e .
-	# hydra/sweeper=tpe: hydra-optuna-sweeper 1.3.0 still pins optuna<3, though what it uses (the
+	# hydra/sweeper=optuna: hydra-optuna-sweeper 1.3.0 still pins optuna<3, though what it uses (the
 	# distributions, ask/tell) is in the optuna 5 that pyproject requires: install it without its pins.
 	$(PIP) install -q --no-deps hydra-optuna-sweeper==1.3.0
 	touch $@

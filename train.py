@@ -4,21 +4,40 @@ Composes conf/train.yaml (see `python train.py --help` for the groups and their 
 runs ctrlora.run.train: backbone -> data -> method -> Lightning fit -> adapter -> eval -> report.
 """
 
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from ctrlora.config import register_configs
+from ctrlora.config import apply_offline, register_configs
+from ctrlora.errors import ConfigError, DataError, RunDirError, RunStopped, mark_failed
 
 register_configs()
+EXIT_CODES = {ConfigError: 2, DataError: 2, RunDirError: 2, RunStopped: 75}  # 75: temporary, run it again
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the validation metric (``eval.val_metric``), the objective of a Hydra sweeper."""
+    """Returns the validation metric (``eval.val_metric``), the objective of a Hydra sweeper. An error
+    in the input (or a signal that stopped the run) prints one line and exits with EXIT_CODES; the
+    traceback only with HYDRA_FULL_ERROR=1."""
+    from ctrlora.console import quiet_libraries
+
+    apply_offline(cfg.offline)  # both before the libraries below load
+    quiet_libraries()
     from ctrlora.evaluation.validation import objective_value
     from ctrlora.run import train
 
-    return objective_value(train(cfg), cfg.eval.val_metric, cfg.model.task)
+    try:
+        return objective_value(train(cfg), cfg.eval.val_metric, cfg.model.task)
+    except tuple(EXIT_CODES) as error:
+        if not isinstance(error, RunStopped):
+            mark_failed(cfg.run_dir, error)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{type(error).__name__}: {error}", file=sys.stderr)
+        sys.exit(next(code for kind, code in EXIT_CODES.items() if isinstance(error, kind)))
 
 
 if __name__ == "__main__":

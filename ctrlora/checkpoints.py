@@ -9,21 +9,33 @@ the middle of writing a checkpoint. Two rules make that harmless:
    system temp dir, which is a plain copy — not atomic — when /tmp and the run dir are on different
    filesystems (the usual case on clusters: local /tmp, shared run dirs).
 2. A resume picks the newest complete `step*.ckpt` by its step number, not `last.ckpt`, which is a
-   link that is briefly absent while Lightning re-points it.
+   link that is briefly absent while Lightning re-points it (`last.ckpt` only when it is all there is).
+3. The two newest checkpoints are kept (the older is removed only once the newer is durable), and a
+   resume skips a newest checkpoint that does not open — a disk error, a bad copy — saying so.
+
+`SignalCheckpoint` stops a run on SIGTERM/SIGUSR1 (a scheduler's notice) at the next optimizer-step
+boundary, after writing a checkpoint there, so `resume=true` continues from exactly that step.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+log = logging.getLogger(__name__)
 CHECKPOINT_NAME = re.compile(r"^step(\d+)\.ckpt$")
+CHECKPOINT_FORMAT = "step{:06d}.ckpt"  # ModelCheckpoint's filename="step{step:06d}" (trainers.checkpoint_callback)
 PARTIAL_SUFFIX = ".partial"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,3 +71,74 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
         return None
     steps = {step: path for path in checkpoint_dir.iterdir() if (step := checkpoint_step(path)) is not None}
     return steps[max(steps)] if steps else None
+
+
+def resumable_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The checkpoint a resume loads: the newest `step*.ckpt` that opens (an unreadable one is skipped
+    with a warning naming it), else `last.ckpt` when it is the only file; None when nothing opens."""
+    if not checkpoint_dir.is_dir():
+        return None
+    steps = sorted(
+        ((step, path) for path in checkpoint_dir.iterdir() if (step := checkpoint_step(path)) is not None), reverse=True
+    )
+    last = checkpoint_dir / "last.ckpt"
+    candidates = [path for _, path in steps] or ([last] if last.exists() else [])
+    for path in candidates:
+        problem = unreadable(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s does not open (%s); trying the one before it", path, problem)
+    return None
+
+
+def unreadable(path: Path) -> str | None:
+    """Why `path` does not open as a checkpoint, or None when it does (memory-mapped: tensor data
+    is not read; a sharded checkpoint directory is taken as it is)."""
+    if path.is_dir():
+        return None
+    try:
+        torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # a truncated or overwritten file: zip, pickle or storage errors alike
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+class SignalCheckpoint(L.Callback):
+    """On SIGTERM or SIGUSR1: finish the optimizer step in progress, write its checkpoint, stop.
+
+    The handlers only set a flag (installed at the start of training, the previous ones restored at
+    its end). At each step boundary the ranks agree on the flag (one collective under data
+    parallelism), so every rank saves and stops at the same step. `stopped_by` then names the signal;
+    the run is unfinished and resumes with ``resume=true``.
+    """
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.received: int | None = None
+        self.stopped_by: str | None = None
+        self.stopped_at: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._last_step = -1
+
+    def _notice(self, signum: int, _: FrameType | None) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._previous = {sig: signal.signal(sig, self._notice) for sig in STOP_SIGNALS}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        if trainer.global_step == self._last_step:  # inside gradient accumulation
+            return
+        self._last_step = trainer.global_step
+        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        if not stop or trainer.global_step >= trainer.max_steps:
+            return
+        trainer.save_checkpoint(self.checkpoint_dir / CHECKPOINT_FORMAT.format(trainer.global_step))
+        self.stopped_by = signal.Signals(self.received).name if self.received else "a signal on another rank"
+        self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

@@ -8,7 +8,10 @@ unknown group choice fails listing the available options (Hydra's own message).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -192,6 +195,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     resume: bool = False
     overwrite: bool = False
+    offline: bool = True  # set the Hugging Face offline variables (no hub calls, no telemetry) before loading
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -237,10 +241,96 @@ def validate_config(cfg: DictConfig) -> None:
             f"calibration.head_warmup_steps={warmup.head_warmup_steps} trains a fresh head, but model={cfg.model.name}"
             " has none (model.modules_to_save is empty); set calibration.head_warmup_steps=0"
         )
+    if not cfg.optim.lr > 0 or cfg.optim.weight_decay < 0 or not 0 <= cfg.optim.warmup_ratio < 1:
+        raise ConfigError(
+            f"optim.lr={cfg.optim.lr} must be > 0, optim.weight_decay={cfg.optim.weight_decay} >= 0 and"
+            f" optim.warmup_ratio={cfg.optim.warmup_ratio} in [0, 1)"
+        )
     if (cfg.budget.ratio is None) == (cfg.budget.rank is None):
         raise ConfigError(
             f"set exactly one of budget.ratio and budget.rank (got ratio={cfg.budget.ratio},"
             f" rank={cfg.budget.rank}); e.g. budget.ratio=0.001 budget.rank=null"
+        )
+
+
+OFFLINE_ENV = {  # what `offline: true` sets: no hub lookups or retries, no telemetry
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def apply_offline(offline: bool) -> None:
+    """With `offline`, set OFFLINE_ENV in this process (and so its children); call before the
+    Hugging Face libraries are imported, which read these at import."""
+    if offline:
+        os.environ.update(OFFLINE_ENV)
+
+
+def check_environment(cfg: DictConfig) -> None:
+    """What a valid config needs of this machine, checked before anything loads: the devices, the
+    packages its settings use, and the model's weights (a local path, or offline the hub cache)."""
+    check_devices(cfg.trainer)
+    check_packages(cfg)
+    check_model_path(cfg.model)
+    check_offline_weights(cfg)
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """A GPU trainer needs a visible GPU; CPU processes cannot outnumber the cores (each rank needs one)."""
+    import torch
+
+    if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer={trainer.name} (trainer.accelerator={trainer.accelerator}) needs a GPU and none is visible;"
+            " on CPU use trainer=cpu, or for DDP/FSDP over processes trainer.accelerator=cpu"
+            " trainer.process_group_backend=gloo trainer.precision=32-true trainer.devices=2"
+        )
+    cores = os.cpu_count() or 1
+    if trainer.accelerator == "cpu" and isinstance(trainer.devices, int) and trainer.devices > cores:
+        raise ConfigError(
+            f"trainer.devices={trainer.devices} CPU processes on a machine with {cores} cores; use at most"
+            f" trainer.devices={cores} (or trainer=gpu on a GPU machine)"
+        )
+
+
+def check_model_path(model: ModelConfig | DictConfig) -> None:
+    """``model.path``, when set, is a folder with a config.json (save_pretrained's output)."""
+    if not model.path:
+        return
+    path = Path(model.path)
+    if not path.exists():
+        raise ConfigError(f"model.path={model.path!r} does not exist (model {model.name!r})")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ConfigError(
+            f"model.path={model.path!r} holds no config.json (model {model.name!r}): point it at the folder"
+            " with the weights, config.json and the tokenizer files (save_pretrained's output)"
+        )
+
+
+def check_offline_weights(cfg: DictConfig) -> None:
+    """Offline, a model named only by its hub id must already be in the Hugging Face cache."""
+    model = cfg.model
+    if not cfg.offline or model.path or model.package_dir or model.builder or not model.hub_id:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(model.hub_id, "config.json"), str):
+        raise ConfigError(
+            f"model {model.name!r} ({model.hub_id}) has no local copy: not in the Hugging Face cache, and"
+            " offline=true; set model.path=<local folder with its weights> (or offline=false where the hub is reachable)"
+        )
+
+
+OPTIONAL_PACKAGES = {  # what a setting needs, and the install command (torch pinned: no CUDA pull)
+    "bitsandbytes": 'pip install "bitsandbytes>=0.50.2,<0.51" torch==2.13.0',
+}
+
+
+def check_packages(cfg: DictConfig) -> None:
+    """A setting whose package is missing fails here, before any weights load."""
+    if cfg.method.quantize_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"method={cfg.method.name} quantizes the backbone to 4 bits and needs bitsandbytes:"
+            f" {OPTIONAL_PACKAGES['bitsandbytes']}"
         )
 
 

@@ -99,6 +99,7 @@ class FinetuneModule(L.LightningModule):
         task_loss = self.task_loss(batch)
         self.step_losses.append(task_loss.detach())
         self.log("train/loss", task_loss, prog_bar=True, sync_dist=True)
+        self.log_learning_rates()
         extra = self.method.extra_loss(self.model, self.global_step)
         for name, value in self.method.step_metrics().items():
             self.log(f"method/{name}", value)
@@ -108,6 +109,14 @@ class FinetuneModule(L.LightningModule):
         self.log("train/extra_to_task", extra.detach() / task_loss.detach().clamp_min(1e-12))
         self.extra_grads = extra_gradients(extra, self.model)  # its share of the step, logged with the grads
         return task_loss + extra
+
+    def log_learning_rates(self) -> None:
+        """Each parameter group's lr for this step, under Lightning's LearningRateMonitor names
+        (``lr-AdamW``, ``lr-AdamW/pg2``, …), in the step's one metrics row."""
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        name = type(optimizer).__name__
+        for index, group in enumerate(optimizer.param_groups):
+            self.log(f"lr-{name}" + (f"/pg{index + 1}" if index else ""), group["lr"])
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.method.param_groups(self.model, self.optim.lr)
@@ -213,19 +222,28 @@ class RunStats(L.Callback):
         self._elapsed = 0.0
         self._start = 0.0
         self._seen_step = 0
+        self.process_start = time.perf_counter()
+        self.earlier_wall_s = 0.0  # the wall time of the processes before a resume, up to their last checkpoint
         self.head_warmup: dict[str, Any] | None = None  # set when the run warmed its head up before calibration
+        self.base_eval: dict[str, Any] | None = None  # a classifier's test metrics before adaptation (its base row)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen_step = trainer.global_step  # non-zero when resumed
 
+    def wall_s(self) -> float:
+        """Wall time of the run so far: this process's, plus its predecessors' up to their last checkpoint."""
+        return self.earlier_wall_s + time.perf_counter() - self.process_start
+
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints, so a resumed run's results cover every step, not just the resumed ones."""
-        return {"step_times": list(self.step_times), "losses": list(self.losses), "tokens": self.tokens}
+        return {"step_times": list(self.step_times), "losses": list(self.losses), "tokens": self.tokens,
+                "wall_s": self.wall_s()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step_times = list(state_dict["step_times"])
         self.losses = list(state_dict["losses"])
         self.tokens = int(state_dict["tokens"])
+        self.earlier_wall_s = float(state_dict.get("wall_s", 0.0))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any) -> None:
         self._start = time.perf_counter()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,12 +19,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctrlora import report
 from ctrlora.backbones import load_backbone, load_tokenizer
-from ctrlora.checkpoints import latest_checkpoint
-from ctrlora.config import TrainConfig, validate_config
+from ctrlora.checkpoints import SignalCheckpoint, latest_checkpoint, resumable_checkpoint
+from ctrlora.config import TrainConfig, check_environment, validate_config
+from ctrlora.console import phase
 from ctrlora.data.datamodule import FinetuneDataModule
-from ctrlora.errors import RunDirError
+from ctrlora.errors import FAILED_FILE, RunDirError, RunStopped
 from ctrlora.evaluation.base_row import backbone_key
 from ctrlora.evaluation.classification import classifier_eval_section
+from ctrlora.evaluation.sections import task_rows
 from ctrlora.evaluation.suite import evaluate_model
 from ctrlora.evaluation.validation import PeriodicValidation, validation_section
 from ctrlora.fsdp import evaluation_model, gather_adapter_state
@@ -39,7 +40,7 @@ from ctrlora.wandb_logging import log_run_summary
 log = logging.getLogger(__name__)
 OUTPUTS = (
     "adapter", "checkpoints", "results.json", "summary.md", "metrics.csv", "allocation.json", "rank_heatmap.png",
-    "loss_curve.png",
+    "loss_curve.png", FAILED_FILE,
 )
 
 
@@ -93,7 +94,8 @@ class AdapterSetup(L.Callback):
         """`method.prepare` on the training device with calibration shard `rank` of `world_size`, from the
         run's seed whatever ran before (so one process and every rank draw the same initial adapters).
         First, with ``calibration.head_warmup_steps``, the fresh head is trained alone on the whole
-        calibration set (every rank alike), whatever the method."""
+        calibration set (every rank alike), whatever the method; a classifier's base row is then
+        scored: the frozen backbone with the head that training starts from."""
         L.seed_everything(self.cfg.seed, workers=True, verbose=False)
         backbone = backbone.to(trainer.strategy.root_device)
         head = list(self.cfg.model.modules_to_save)
@@ -102,11 +104,18 @@ class AdapterSetup(L.Callback):
             self.stats.head_warmup = warm_up_head(
                 backbone, self.datamodule.calibration_dataloader(1, 0), head, steps, self.cfg.calibration.head_warmup_lr
             )
+        if self.cfg.model.task == "sequence_classification" and self.cfg.eval.suite != "none":
+            with phase("scoring the base model (before adaptation) on the test split"):
+                self.stats.base_eval = task_rows(classifier_eval_section(
+                    backbone, self.datamodule, self.cfg.eval.batch_size, self.cfg.eval.limit
+                ))
         calibration = None
         if self.method.needs_calibration:
             calibration = self.datamodule.calibration_dataloader(world_size, rank)
         self.prepared = True
-        return self.method.prepare(backbone, calibration)
+        work = "calibration, allocation and adapters" if calibration is not None else "adapters"
+        with phase(f"{self.cfg.method.name}: {work}"):
+            return self.method.prepare(backbone, calibration)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.prepared:
@@ -169,16 +178,17 @@ def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
     )
     datamodule.setup("fit")
     num_labels = len(datamodule.label_names) if cfg.model.task == "sequence_classification" else None
-    backbone = load_backbone(
-        cfg.model, accelerator=cfg.trainer.accelerator, quantize_4bit=cfg.method.quantize_4bit,
-        num_labels=num_labels,
-    )
+    with phase(f"loading {cfg.model.name}"):
+        backbone = load_backbone(
+            cfg.model, accelerator=cfg.trainer.accelerator, quantize_4bit=cfg.method.quantize_4bit,
+            num_labels=num_labels,
+        )
     total_steps = cfg.trainer.max_steps
     method = build_method(cfg, total_steps=total_steps, run_dir=run_dir)
     stats = RunStats()
     adapters = AdapterSetup(method, datamodule, cfg, stats)
     loggers = build_loggers(cfg.logger, run_dir, report.run_name(cfg), asdict(cfg))
-    callbacks = [adapters, stats, *method.callbacks()]
+    callbacks = [adapters, stats, SignalCheckpoint(run_dir / "checkpoints"), *method.callbacks()]
     if cfg.eval.val_every_n_steps:
         callbacks.append(PeriodicValidation(datamodule, cfg.eval.val_every_n_steps, cfg.eval.batch_size))
     trainer = build_trainer(cfg.trainer, loggers, callbacks, run_dir)
@@ -191,15 +201,18 @@ def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
 def evaluate_run(cfg: TrainConfig, run: RunParts) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The `val` section (validation loss and classifier metrics; None without a validation split) and
     the `eval` section: the suite through lm-eval on the in-memory model (its base row cached), or
-    accuracy / macro-F1 / MCC on the test split for a sequence classifier; ``{}`` for eval=none."""
+    accuracy / macro-F1 / MCC on the test split for a sequence classifier (its base row: the frozen
+    backbone with the head training started from, scored before adaptation); ``{}`` for eval=none."""
     num_labels = len(run.datamodule.label_names) if cfg.model.task == "sequence_classification" else None
     model = evaluation_model(  # under FSDP: the backbone + the saved adapter (the sharded model needs all ranks)
         run.model, Path(cfg.run_dir) / "adapter",
         lambda: load_backbone(cfg.model, accelerator=cfg.trainer.accelerator,
                               quantize_4bit=cfg.method.quantize_4bit, num_labels=num_labels),
     )
-    val = validation_section(model, run.datamodule, cfg.eval.batch_size)
-    return val, evaluate_test(cfg, run, model)
+    with phase("validation"):
+        val = validation_section(model, run.datamodule, cfg.eval.batch_size)
+    with phase(f"test evaluation (eval={cfg.eval.suite})"):
+        return val, evaluate_test(cfg, run, model)
 
 
 def evaluate_test(cfg: TrainConfig, run: RunParts, model: nn.Module) -> dict[str, Any]:
@@ -207,7 +220,8 @@ def evaluate_test(cfg: TrainConfig, run: RunParts, model: nn.Module) -> dict[str
     if cfg.eval.suite == "none":
         return {}
     if cfg.model.task == "sequence_classification":
-        return classifier_eval_section(model, run.datamodule, cfg.eval.batch_size, cfg.eval.limit)
+        section = classifier_eval_section(model, run.datamodule, cfg.eval.batch_size, cfg.eval.limit)
+        return {**section, "base": run.stats.base_eval} if run.stats.base_eval else section
     return evaluate_model(
         model, run.tokenizer, cfg.eval,
         base_model_key=backbone_key(cfg.model, accelerator=cfg.trainer.accelerator,
@@ -219,9 +233,10 @@ def evaluate_test(cfg: TrainConfig, run: RunParts, model: nn.Module) -> dict[str
 
 def train(composed: DictConfig) -> dict[str, Any]:
     """Fine-tune, save the adapter, evaluate, and write results.json; returns the results."""
-    started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     adopt_submitit_ranks()
     validate_config(composed)
+    check_environment(composed)
     cfg: TrainConfig = OmegaConf.to_object(composed)
     run_dir, finished = prepare_run_dir(cfg)
     if finished:
@@ -229,12 +244,20 @@ def train(composed: DictConfig) -> dict[str, Any]:
         return json.loads((run_dir / "results.json").read_text())
     if is_rank_zero():
         OmegaConf.save(composed, run_dir / "config.yaml", resolve=True)
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)
     previous_metrics = report.set_aside_metrics(run_dir) if cfg.resume and is_rank_zero() else None
     run = assemble(cfg, run_dir)
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if cfg.resume else None
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=checkpoint)
+    checkpoint = resumable_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        log.warning("resume=true but run_dir=%s has no checkpoint that opens: training starts at step 0", run_dir)
+    with phase(f"training ({cfg.trainer.max_steps} steps)"):
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=checkpoint)
     if run.trainer.interrupted:
         raise KeyboardInterrupt(f"training interrupted; resume with resume=true run_dir={run_dir}")
+    stop = next(callback for callback in run.trainer.callbacks if isinstance(callback, SignalCheckpoint))
+    if stop.stopped_by:
+        raise RunStopped(f"{stop.stopped_by} stopped the run after step {stop.stopped_at} (its checkpoint is"
+                         f" written); continue it with resume=true run_dir={run_dir}")
     adapter_state = gather_adapter_state(run.model)  # FSDP: a collective on every rank; else None
     if not run.trainer.is_global_zero:
         return {}
@@ -244,7 +267,7 @@ def train(composed: DictConfig) -> dict[str, Any]:
     report.save_adapter(run.method, run.model, run.tokenizer, run_dir / "adapter", adapter_state)
     results = report.build_results(
         cfg, method=run.method, model=run.model, stats=run.stats, trainer=run.trainer,
-        started_at=started_at, wall_s=time.perf_counter() - start,
+        started_at=started_at, wall_s=run.stats.wall_s(),
     )
     results["val"], results["eval"] = evaluate_run(cfg, run)
     report.write_outputs(run_dir, results)

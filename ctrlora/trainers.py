@@ -8,12 +8,13 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from ctrlora.checkpoints import AtomicCheckpointIO
 from ctrlora.config import LoggerConfig, TrainerConfig
+from ctrlora.console import StepProgress
 from ctrlora.errors import ConfigError
 
 LOGGERS = ("csv", "wandb", "tensorboard")
@@ -81,8 +82,10 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
     return loggers
 
 
-def checkpoint_callback(run_dir: Path, every_n_steps: int) -> ModelCheckpoint:
-    """Keep the newest checkpoint, written every `every_n_steps` optimizer steps; `last.ckpt` links to it.
+def checkpoint_callback(run_dir: Path, every_n_steps: int, max_steps: int) -> ModelCheckpoint:
+    """Keep the two newest checkpoints (the older one goes once the newer is written: a fallback for a
+    resume), written every `every_n_steps` optimizer steps — at most every half run, so a run
+    shorter than the interval still has one to resume from; `last.ckpt` links to the newest.
 
     Files are overwritten in place (no `-v1` copies when a resumed run reaches a step again).
     """
@@ -90,8 +93,10 @@ def checkpoint_callback(run_dir: Path, every_n_steps: int) -> ModelCheckpoint:
         dirpath=str(run_dir / "checkpoints"),
         filename="step{step:06d}",
         auto_insert_metric_name=False,
-        every_n_train_steps=every_n_steps,
-        save_top_k=1,
+        every_n_train_steps=min(every_n_steps, max(1, max_steps // 2)),
+        monitor="step",
+        mode="max",
+        save_top_k=2,
         save_last="link",
         enable_version_counter=False,
     )
@@ -120,10 +125,9 @@ def check_rank_launch(trainer: L.Trainer) -> None:
 def build_trainer(
     cfg: TrainerConfig, loggers: list[Logger], callbacks: list[L.Callback], run_dir: Path
 ) -> L.Trainer:
-    callbacks = [*callbacks, checkpoint_callback(run_dir, cfg.checkpoint_every_n_steps)]
-    callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks = [*callbacks, checkpoint_callback(run_dir, cfg.checkpoint_every_n_steps, cfg.max_steps)]
     if cfg.progress_bar:
-        callbacks.append(RichProgressBar())
+        callbacks.append(StepProgress())
     trainer = L.Trainer(
         accelerator=cfg.accelerator,
         devices=cfg.devices,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHORT_RUN, TWO_CPU_PROCESSES, compose_config
+from conftest import ROOT, SHORT_RUN, TWO_CPU_PROCESSES, compose_config, with_test_defaults
 
 from ctrlora.report import logged_losses
 from ctrlora.run import adopt_rank_zero_adapters, train
@@ -30,7 +30,7 @@ def run_train(run_dir: Path, *overrides: str) -> dict:
     """`python train.py ...` in a subprocess, as a user (and Lightning's DDP launcher) runs it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(
-        [sys.executable, "train.py", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", *overrides],
+        [sys.executable, "train.py", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", *with_test_defaults(list(overrides))],
         cwd=ROOT,
         env=env,
         check=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHORT_RUN, TWO_CPU_PROCESSES, compose_config
+from conftest import ROOT, SHORT_RUN, TWO_CPU_PROCESSES, compose_config, with_test_defaults
 from kill_points import arm_every_process
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
@@ -42,7 +42,7 @@ COMMON = SHORT_RUN
 def killed_run(run_dir: Path, after_step: int, *overrides: str) -> int:
     """`python train.py` whose every rank SIGKILLs itself after `after_step`; its exit code."""
     env = arm_every_process(run_dir.with_name(run_dir.name + "-site"), after_step)
-    command = [sys.executable, "train.py", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", *overrides]
+    command = [sys.executable, "train.py", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", *with_test_defaults(list(overrides))]
     return subprocess.run(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600
     ).returncode

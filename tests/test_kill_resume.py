@@ -99,7 +99,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
     with pytest.raises(RunDirError, match="resume=true"):  # an unfinished run is never restarted silently
         train(compose_config(overrides))
 
+    newest = torch.load(latest_checkpoint(killed / "checkpoints"), weights_only=False)
+    earlier_wall_s = next(state["wall_s"] for key, state in newest["callbacks"].items() if "RunStats" in key)
     resumed = train(compose_config([*overrides, "resume=true"]))
+    assert resumed["run"]["wall_s"] > earlier_wall_s > 0  # the killed processes' time counts too
     want = load_file(full / "adapter" / "adapter_model.safetensors")
     got = load_file(killed / "adapter" / "adapter_model.safetensors")
     assert want.keys() == got.keys()

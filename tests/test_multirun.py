@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import submitit
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, with_test_defaults
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
@@ -49,7 +49,7 @@ def test_multirun_writes_one_run_dir_per_run(tmp_path: Path, launcher: str) -> N
         "-m",
         f"hydra/launcher={launcher}",
         f"hydra.sweep.dir={sweep_dir}",
-        *SWEEP,
+        *with_test_defaults(SWEEP),
     ]
     subprocess.run(
         command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600
@@ -70,7 +70,7 @@ def test_multirun_writes_one_run_dir_per_run(tmp_path: Path, launcher: str) -> N
 def multirun_job() -> None:
     """Hydra's state inside a multirun job."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["run_dir=x"], return_hydra_config=True)
+        cfg = compose("train", overrides=with_test_defaults(["run_dir=x"]), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.mode = RunMode.MULTIRUN
     HydraConfig.instance().set_config(cfg)
@@ -114,7 +114,7 @@ def test_multirun_job_never_relaunches_the_sweep_for_its_ranks(
 
 def compose_with_hydra(overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+        return compose("train", overrides=with_test_defaults(overrides), return_hydra_config=True)
 
 
 def test_slurm_launcher_submits_one_array_task_per_run_and_resumes_requeued_jobs(

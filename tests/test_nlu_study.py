@@ -78,13 +78,26 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
     table = subprocess.run(aggregate, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert "fortune_topics (accuracy)" in rows[0]
-    assert [row.split("|")[1].split("⚠")[0].strip() for row in rows[1:]] == ["head_only", "ctrlora (uniform)"]
-    head_only = rows[1].split("|")
+    labels = [row.split("|")[1] for row in rows[1:]]
+    assert [label.split(" ⚠")[0].split(" (limited")[0].strip() for label in labels] == [
+        "base", "head_only", "ctrlora (uniform)",  # base: the frozen encoder and warmed head, before adaptation
+    ]
+    assert all("(limited eval in 1/1 seeds)" in label for label in labels[1:])  # eval.limit=32: marked
+    head_only = rows[2].split("|")
     assert head_only[2].strip() == "–" and head_only[3].strip() == "3,080"  # no budget; 384·8 + 8 head weights
+    # the rank heatmap from the allocation.json the ablation's run wrote (36 projections at r̄ = 8)
+    allocation = json.loads((seeds / "fortune_topics" / "uniform" / "seed=1" / "allocation.json").read_text())
+    assert len(allocation["modules"]) == 36
+    assert [path.name for path in (seeds / "aggregate").glob("ranks-*.png")] == ["ranks-minilm-l6-ctrlora_uniform_-r8.png"]
 
     head_only_dir = seeds / "fortune_topics" / "head_only" / "seed=1"  # evaluate.py reloads the saved model
     recorded = json.loads((head_only_dir / "results.json").read_text())["eval"]["fortune_topics"]
     evaluate = [sys.executable, "evaluate.py", f"run_dir={head_only_dir}"]
-    subprocess.run(evaluate, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    printed = subprocess.run(evaluate, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=300).stdout
     again = json.loads((head_only_dir / "results.json").read_text())["eval"]["fortune_topics"]
     assert again["accuracy"]["value"] == recorded["accuracy"]["value"]
+    assert json.loads(printed)["fortune_topics"] == again  # stdout is the JSON alone
+    limited = [*evaluate, "eval.limit=8"]  # a smaller part of the test split: its own file, results.json kept
+    subprocess.run(limited, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    assert json.loads((head_only_dir / "results.json").read_text())["eval"]["fortune_topics"] == again
+    assert json.loads((head_only_dir / "eval_limited.json").read_text())["versions"]["samples"]["fortune_topics"] == 8

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, with_test_defaults
 from hydra import compose, initialize_config_dir
 
 
@@ -19,7 +19,7 @@ def test_each_method_declares_its_search_space_and_the_trial_budget_is_shared() 
     spaces, budgets = {}, set()
     for method in ("lora", "ctrlora", "cg_lora"):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-            cfg = compose("train", overrides=[f"method={method}", "hydra/sweeper=optuna"], return_hydra_config=True)
+            cfg = compose("train", overrides=with_test_defaults([f"method={method}", "hydra/sweeper=optuna"]), return_hydra_config=True)
         spaces[method] = dict(cfg.method.search)
         budgets.add(cfg.hydra.sweeper.n_trials)
         sweeper = cfg.hydra.sweeper
@@ -36,7 +36,7 @@ def test_each_method_declares_its_search_space_and_the_trial_budget_is_shared() 
 def test_a_three_trial_sweep_runs_offline_and_select_picks_the_best_validation_trial(tmp_path: Path) -> None:
     sweep = tmp_path / "tune"
     command = [
-        sys.executable, "train.py", "-m", "hydra/sweeper=optuna", "hydra/launcher=local", "method=lora",
+        sys.executable, "train.py", "-m", "hydra/sweeper=optuna", "hydra/launcher=local", "method=lora", "model=tiny-llama",
         "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", "trainer.max_steps=3", "eval=none",
         "trainer.progress_bar=false", "data.max_train_samples=200",
     ]

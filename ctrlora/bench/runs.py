@@ -113,12 +113,7 @@ def bare_lora_steps(cfg: TrainConfig, warmup: int, steps: int, probe: MemoryProb
         batch = batch_to_device(next(batches), device)
         with autocast(cfg.trainer.precision, device):
             loss = model(**batch).loss
-        loss.backward()
-        if cfg.trainer.gradient_clip_val:
-            torch.nn.utils.clip_grad_norm_(parameters, cfg.trainer.gradient_clip_val)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_update(loss, parameters, optimizer, scheduler, cfg.trainer.gradient_clip_val)
         losses.append(loss.detach())
     timing = clock.summary(warmup, steps)
     return {
@@ -126,3 +121,15 @@ def bare_lora_steps(cfg: TrainConfig, warmup: int, steps: int, probe: MemoryProb
         "peak_memory_bytes": probe.peak(),
         "losses": [float(loss) for loss in losses],
     }
+
+
+def plain_update(loss: torch.Tensor, parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                 scheduler: Any, clip: float | None) -> None:
+    """A hand-written loop's update: backward, gradient-norm clipping at `clip`, the optimizer's step,
+    the schedule's step, gradients cleared."""
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(parameters, clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

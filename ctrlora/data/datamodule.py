@@ -167,9 +167,15 @@ class FinetuneDataModule(L.LightningDataModule):
     def _tokenize(self, table: RowTable) -> list[TokenizedExample]:
         if self.task == "causal_lm":
             add_special_tokens = not uses_chat_template(self.cfg, self.tokenizer)
-            return tokenize_causal(
+            examples = tokenize_causal(
                 self._render_causal(table), self.tokenizer, self.cfg.max_length, add_special_tokens
             )
+            if examples and all(all(label == IGNORE_INDEX for label in ex["labels"]) for ex in examples):
+                raise DataError(
+                    f"every label of {self.cfg.train} is masked: at data.max_length={self.cfg.max_length} no"
+                    " completion token survives truncation (only completions are trained on); raise data.max_length"
+                )
+            return examples
         rows = self._classification_rows(table)
         label_to_id = {label: index for index, label in enumerate(self._labels or [])}
         pairs = [row.text_pair for row in rows] if self.cfg.text_pair_field else None

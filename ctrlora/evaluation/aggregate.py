@@ -21,7 +21,7 @@ from typing import Any
 from scipy import stats
 
 from ctrlora.evaluation.classification import PREDICTED_CLASSES
-from ctrlora.evaluation.sections import task_rows
+from ctrlora.evaluation.sections import is_limited, task_rows
 
 METHOD_ORDER = (  # the reference rows bracket the adapters: frozen encoder first, full fine-tuning last
     "head_only",
@@ -53,6 +53,7 @@ class RunRecord:
     scores: dict[Column, float]
     base_scores: dict[Column, float]
     single_class: bool = False  # a classifier that predicted one class for a whole test split
+    limited: bool = False  # scored with eval.limit: a part of the test split
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ def load_run(path: Path) -> RunRecord | None:
         single_class=any(
             metrics.get(PREDICTED_CLASSES, {}).get("value") == 1 for metrics in task_rows(section).values()
         ),
+        limited=is_limited(section),
     )
 
 
@@ -223,7 +225,9 @@ def markdown_table(table: Table) -> str:
         cells = [format_cell(row_cell(row, column), table.best(column)) for column in [*table.columns, None]]
         seeds = str(len(row.runs)) if row.runs else "–"
         collapsed = sum(run.single_class for run in row.runs)
+        limited = sum(run.limited for run in row.runs)
         method = row.method + (f" ⚠ one class in {collapsed}/{len(row.runs)} seeds" if collapsed else "")
+        method += f" (limited eval in {limited}/{len(row.runs)} seeds)" if limited else ""
         lines.append("| " + " | ".join([method, row.budget or "–", params, seeds, *cells]) + " |")
     return "\n".join(lines) + "\n" + paired_markdown(table)
 

@@ -103,5 +103,6 @@ def classifier_eval_section(
     """results.json's ``eval`` section for an encoder run: ``{<data set>: metrics, "versions": {...}}``."""
     loader = classification_test_loader(datamodule, batch_size, limit)
     metrics = classification_metrics(model, loader, num_classes=len(datamodule.label_names or []))
-    versions = {"torchmetrics": version("torchmetrics"), "samples": {datamodule.cfg.name: len(loader.dataset)}}
-    return {datamodule.cfg.name: metrics, "versions": versions}
+    name = datamodule.cfg.name
+    versions = {"torchmetrics": version("torchmetrics"), "samples": {name: len(loader.dataset)}, "limit": {name: limit}}
+    return {name: metrics, "versions": versions}

@@ -7,14 +7,17 @@
 
 Run-dir mode loads the run's backbone (its ``config.yaml``) and ``adapter/`` as plain PEFT,
 evaluates exactly as the run did in memory, and merges the ``eval`` section into the run's
-``results.json`` task by task. The other modes print the JSON (or write it to ``output``).
-A base row missing from the cache is computed on a freshly loaded backbone.
+``results.json`` task by task — unless a task is scored with a limit (``eval.limit`` or the
+task's) other than the one its recorded numbers had: a part of the test split never replaces a
+run's numbers, it goes to ``<run_dir>/eval_limited.json`` instead. Every mode returns the section; `evaluate.py` prints it
+as JSON on stdout (or writes it to ``output``), everything else going to stderr. A base row
+missing from the cache is computed on a freshly loaded backbone.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +33,11 @@ from ctrlora.config import ModelConfig, TrainConfig
 from ctrlora.errors import ConfigError, RunDirError
 from ctrlora.evaluation.base_row import backbone_key
 from ctrlora.evaluation.config import EvalConfig
-from ctrlora.evaluation.sections import merge_eval_sections
+from ctrlora.evaluation.sections import limits, merge_eval_sections
 from ctrlora.evaluation.suite import evaluate_backbone, evaluate_model
+
+log = logging.getLogger(__name__)
+LIMITED_FILE = "eval_limited.json"  # run_dir mode: where a limited evaluation goes
 
 
 @dataclass
@@ -71,16 +77,12 @@ def evaluate_saved(cfg: EvaluateConfig) -> dict[str, Any]:
         section = evaluate_model(model, tokenizer, cfg.eval, base_model_key=key, base_model=backbone)
     else:
         section = evaluate_backbone(backbone(), tokenizer, cfg.eval, base_model_key=key)
-    text = json.dumps(section, indent=2) + "\n"
-    if cfg.output:
-        Path(cfg.output).write_text(text)
-    else:
-        sys.stdout.write(text)
     return section
 
 
 def evaluate_run_dir(run_dir: Path, cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate a finished run's adapter on its backbone and merge into its results.json."""
+    """Evaluate a finished run's adapter on its backbone and merge into its results.json (a limited
+    evaluation: into eval_limited.json)."""
     results_path, adapter_dir = run_dir / "results.json", run_dir / "adapter"
     if not results_path.exists() or not adapter_dir.is_dir():
         raise RunDirError(
@@ -114,6 +116,11 @@ def evaluate_run_dir(run_dir: Path, cfg: EvaluateConfig) -> dict[str, Any]:
             base_model=backbone,
         )
     results = json.loads(results_path.read_text())
+    recorded = limits(results.get("eval", {}))
+    if any(limit is not None and (task not in recorded or recorded[task] != limit) for task, limit in limits(section).items()):
+        log.warning("a limited evaluation: written to %s, results.json left as it was", run_dir / LIMITED_FILE)
+        report.write_json(run_dir / LIMITED_FILE, section)
+        return section
     results["eval"] = merge_eval_sections(results.get("eval", {}), section)
     report.write_json(results_path, results)
     return results["eval"]

@@ -53,18 +53,14 @@ def budget_accuracy_plot(table: Table, path: Path) -> Path:
 
 
 def run_ranks(row: TableRow) -> dict[str, int] | None:
-    """The per-module ranks of the row's lowest-seed run: its allocation.json (``{"ranks": {...}}``
-    or a flat ``{module: rank}``), else results.json's ``allocation.ranks``; None when neither."""
+    """The per-module ranks of the row's lowest-seed run, from the allocation.json it wrote
+    (``modules.<name>.rank``); None for a run without one (a method that allocates nothing)."""
     run = min(row.runs, key=lambda record: record.seed)
     allocation_file = run.path.parent / "allocation.json"
-    if allocation_file.exists():
-        allocation = json.loads(allocation_file.read_text())
-    else:
-        allocation = json.loads(run.path.read_text()).get("allocation") or {}
-    ranks = allocation.get("ranks", allocation)
-    if ranks and all(isinstance(value, int) for value in ranks.values()):
-        return ranks
-    return None
+    if not allocation_file.exists():
+        return None
+    modules = json.loads(allocation_file.read_text()).get("modules") or {}
+    return {name: int(module["rank"]) for name, module in modules.items()} or None
 
 
 def rank_heatmaps(table: Table, out_dir: Path) -> list[Path]:

@@ -59,8 +59,8 @@ def run_tasks(
     """Evaluate `model` on every task of `cfg`; returns (row, versions).
 
     Tasks that share a limit and a batch size run in one ``simple_evaluate`` call. ``versions``
-    records the harness version and, per task, lm-eval's task version, the shots used and the
-    number of scored documents.
+    records the harness version and, per task, lm-eval's task version, the shots used, the
+    number of scored documents and the limit (None: the whole split).
     """
     manager = TaskManager(include_path=str(tasks.directory), include_defaults=False)
     batches: dict[tuple[int | float | None, int], list[str]] = {}
@@ -68,7 +68,7 @@ def run_tasks(
         setting = (limit_value(spec.limit, cfg.limit), spec.batch_size or cfg.batch_size)
         batches.setdefault(setting, []).append(name)
     row: Row = {}
-    versions: dict[str, Any] = {"lm_eval": harness_version(), "tasks": {}, "num_fewshot": {}, "samples": {}}
+    versions: dict[str, Any] = {"lm_eval": harness_version(), "tasks": {}, "num_fewshot": {}, "samples": {}, "limit": {}}
     for (limit, batch_size), names in batches.items():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=cfg.max_length)
         with truncations_counted(names, lm.max_length):
@@ -86,6 +86,7 @@ def run_tasks(
             versions["tasks"][name] = output["versions"][name]
             versions["num_fewshot"][name] = output["n-shot"][name]
             versions["samples"][name] = result["sample_len"]
+            versions["limit"][name] = limit
     return {name: row[name] for name in cfg.tasks}, versions
 
 

@@ -60,13 +60,18 @@ def test_saved_run_reproduces_the_in_memory_numbers_and_stock_lm_eval_agrees(tmp
     )
     assert in_run["base"] == task_rows(fresh)
 
-    # evaluate.py on the run dir (composed like the command line), merged into results.json
+    # evaluate.py on the run dir (composed like the command line): merged into results.json when the
+    # run recorded the same limit; a limited evaluation of a run scored otherwise goes to its own file
     register_evaluate_config()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         evaluate_cfg = OmegaConf.to_object(compose("evaluate", overrides=[f"run_dir={run_dir}"]))
     saved = evaluate_saved(evaluate_cfg)
+    assert json.loads((run_dir / "results.json").read_text()) == {"run": {"method": "lora"}, "train": {"steps": 6}}
+    assert json.loads((run_dir / "eval_limited.json").read_text()) == saved  # no recorded numbers at this limit
+    report.write_json(run_dir / "results.json", {"run": {"method": "lora"}, "train": {"steps": 6}, "eval": in_run})
+    assert evaluate_saved(evaluate_cfg) == saved
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["train"] == {"steps": 6} and results["eval"] == saved
+    assert results["train"] == {"steps": 6} and results["eval"] == saved  # the run's own limit: merged
     assert task_rows(saved) == task_rows(in_run) and saved["base"] == in_run["base"]
     assert (
         saved["fortune_topics"]["brier_score"]["value"]

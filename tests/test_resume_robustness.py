@@ -1,0 +1,82 @@
+"""Resume survives what the kill tests do not cover: a corrupt newest checkpoint (the previous one is
+kept and used), a run shorter than the checkpoint interval, and SIGTERM (a checkpoint at the next
+step boundary, then a clean stop) — each ends with the uninterrupted run's adapter."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+from kill_points import kill_after_step, kill_before_results
+from safetensors.torch import load_file
+from test_kill_resume import STEPS, killed_attempt, single_thread  # noqa: F401  (a fixture)
+
+from ctrlora.checkpoints import checkpoint_step
+from ctrlora.errors import RunStopped
+from ctrlora.lit import FinetuneModule
+from ctrlora.run import train
+
+
+def same_adapter(a: Path, b: Path) -> bool:
+    want, got = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    return want.keys() == got.keys() and all(torch.equal(want[key], got[key]) for key in want)
+
+
+def steps_on_disk(run_dir: Path) -> list[int]:
+    return sorted(step for path in (run_dir / "checkpoints").iterdir() if (step := checkpoint_step(path)) is not None)
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: Path, single_thread: None, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train(compose_config([f"run_dir={full}", "method=lora", *STEPS]))
+    overrides = [f"run_dir={killed}", "method=lora", *STEPS]
+    killed_attempt(overrides, kill_before_results)  # trained to step 8, no results.json
+    assert steps_on_disk(killed) == [4, 8]  # the previous checkpoint is kept beside the newest
+    newest = killed / "checkpoints" / "step000008.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a bad copy
+    with caplog.at_level(logging.WARNING, logger="ctrlora.checkpoints"):
+        train(compose_config([*overrides, "resume=true"]))
+    assert "step000008.ckpt does not open" in caplog.text
+    assert same_adapter(full, killed)
+
+
+@pytest.mark.slow
+def test_a_run_shorter_than_the_checkpoint_interval_resumes(tmp_path: Path, single_thread: None) -> None:  # noqa: F811
+    short = [*STEPS, "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=50"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train(compose_config([f"run_dir={full}", "method=lora", *short]))
+    overrides = [f"run_dir={killed}", "method=lora", *short]
+    killed_attempt(overrides, lambda: kill_after_step(3))
+    assert steps_on_disk(killed) == [2]  # every half run at most
+    train(compose_config([*overrides, "resume=true"]))
+    assert same_adapter(full, killed)
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes_the_run(
+    tmp_path: Path, single_thread: None, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(compose_config([f"run_dir={full}", "method=lora", *STEPS]))
+
+    def sigterm_at_step_5(self: FinetuneModule, *args: object) -> None:
+        if self.global_step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    overrides = [f"run_dir={stopped}", "method=lora", *STEPS]
+    with monkeypatch.context() as patch:
+        patch.setattr(FinetuneModule, "on_train_batch_end", sigterm_at_step_5, raising=False)
+        with pytest.raises(RunStopped, match="SIGTERM stopped the run after step 6 .* resume=true"):
+            train(compose_config(overrides))
+    assert steps_on_disk(stopped) == [4, 6] and not (stopped / "results.json").exists()
+    handler = signal.getsignal(signal.SIGTERM)
+    assert type(getattr(handler, "__self__", None)).__name__ != "SignalCheckpoint"  # handed back
+    train(compose_config([*overrides, "resume=true"]))
+    assert same_adapter(full, stopped)
