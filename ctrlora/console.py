@@ -5,6 +5,7 @@ steps in a log file."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 import warnings
@@ -35,6 +36,21 @@ QUIET_RECORDS = {  # logger -> message prefixes dropped
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),  # optional `kernels` package
 }
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+LOAD_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
+FRESH_HEADS = ("classifier", "score")  # a classifier's head: new by design, trained by the run
+
+
+class FreshHeadReport(logging.Filter):
+    """Drops transformers' load report when all it reports is a fresh classifier head (keys MISSING
+    from an encoder checkpoint, which the run trains); any other report passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = re.findall(r"^(\S+)\s*\|\s*([A-Z]+)\s*\|", message, flags=re.MULTILINE)
+        fresh_head = rows and all(status == "MISSING" and key.split(".")[0] in FRESH_HEADS for key, status in rows)
+        return not fresh_head
 
 
 class DropPrefixes(logging.Filter):
@@ -55,6 +71,8 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name, prefixes in QUIET_RECORDS.items():
         logging.getLogger(name).addFilter(DropPrefixes(prefixes))
+    for name in LOAD_REPORT_LOGGERS:
+        logging.getLogger(name).addFilter(FreshHeadReport())
     if logging.getLogger().handlers:
         for name in LIGHTNING_LOGGERS:
             logger = logging.getLogger(name)
