@@ -32,6 +32,14 @@ def test_each_method_declares_its_search_space_and_the_trial_budget_is_shared() 
     assert len(budgets) == 1
 
 
+def test_the_search_composes_with_the_slurm_launcher() -> None:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        overrides = with_test_defaults(["method=ctrlora", "hydra/sweeper=optuna", "hydra/launcher=slurm"])
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("MethodSearchSweeper")
+    assert cfg.hydra.launcher._target_.endswith("ResumingSlurmLauncher")  # requeued trials resume
+
+
 @pytest.mark.slow
 def test_a_three_trial_sweep_runs_offline_and_select_picks_the_best_validation_trial(tmp_path: Path) -> None:
     sweep = tmp_path / "tune"
