@@ -105,7 +105,9 @@ class AdapterSetup(L.Callback):
                 backbone, self.datamodule.calibration_dataloader(1, 0), head, steps, self.cfg.calibration.head_warmup_lr
             )
         if self.cfg.model.task == "sequence_classification" and self.cfg.eval.suite != "none":
-            with phase("scoring the base model (before adaptation) on the test split"):
+            # random state kept: iterating a DataLoader draws from it, and the adapters' init follows
+            cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with phase("scoring the base model (before adaptation) on the test split"), torch.random.fork_rng(cuda):
                 self.stats.base_eval = task_rows(classifier_eval_section(
                     backbone, self.datamodule, self.cfg.eval.batch_size, self.cfg.eval.limit
                 ))

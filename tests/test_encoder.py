@@ -75,3 +75,21 @@ def test_qlora_quantizes_the_encoder_projections_but_not_the_trained_head(tmp_pa
     before = head.weight.detach().clone()
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert not torch.equal(before, head.weight.detach())
+
+
+def test_scoring_the_base_row_leaves_the_run_unchanged(tmp_path: Path) -> None:
+    """The base row is scored before the adapters exist; it must not move the random state their
+    init draws from (a DataLoader draws a seed when iterated), so a run starts the same with or
+    without it."""
+    from omegaconf import OmegaConf
+
+    from ctrlora.run import assemble
+
+    overrides = ["model=minilm-l6", "method=lora", f"run_dir={tmp_path}", *FAST, "calibration.head_warmup_steps=0",
+                 "eval.limit=8"]
+    scored = assemble(OmegaConf.to_object(compose_config([*overrides, "eval=local"])), tmp_path)
+    unscored = assemble(OmegaConf.to_object(compose_config([*overrides, "eval=none"])), tmp_path)
+    assert scored.stats.base_eval and unscored.stats.base_eval is None
+    unscored_params = dict(unscored.model.named_parameters())
+    for name, param in scored.model.named_parameters():
+        assert torch.equal(param, unscored_params[name]), name
