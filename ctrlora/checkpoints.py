@@ -62,27 +62,27 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The complete checkpoint of the highest step in `checkpoint_dir`, or None when there is none.
+def step_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The complete `step*.ckpt` files in `checkpoint_dir`, newest (highest step) first.
 
     Leftover `.partial` files of a write that was killed are ignored (the next save replaces them).
     """
     if not checkpoint_dir.is_dir():
-        return None
+        return []
     steps = {step: path for path in checkpoint_dir.iterdir() if (step := checkpoint_step(path)) is not None}
-    return steps[max(steps)] if steps else None
+    return [steps[step] for step in sorted(steps, reverse=True)]
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The complete checkpoint of the highest step in `checkpoint_dir`, or None when there is none."""
+    return next(iter(step_checkpoints(checkpoint_dir)), None)
 
 
 def resumable_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The checkpoint a resume loads: the newest `step*.ckpt` that opens (an unreadable one is skipped
     with a warning naming it), else `last.ckpt` when it is the only file; None when nothing opens."""
-    if not checkpoint_dir.is_dir():
-        return None
-    steps = sorted(
-        ((step, path) for path in checkpoint_dir.iterdir() if (step := checkpoint_step(path)) is not None), reverse=True
-    )
     last = checkpoint_dir / "last.ckpt"
-    candidates = [path for _, path in steps] or ([last] if last.exists() else [])
+    candidates = step_checkpoints(checkpoint_dir) or ([last] if last.exists() else [])
     for path in candidates:
         problem = unreadable(path)
         if problem is None:
