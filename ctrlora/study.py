@@ -17,7 +17,9 @@ order and all of a variant's tasks before the next variant:
 
 Every command runs with ``resume=true`` and the local launcher (one process per run), so running
 the study again skips finished runs and continues a cut-off one from its checkpoint, and the seeded
-TPE proposes the same trials again (the finished ones return their stored objective). ``--jobs``
+TPE proposes the same trials again (the finished ones return their stored objective); a pair whose
+record in study.json has no error and whose seed runs all wrote results.json is not entered again.
+``--jobs``
 (variant, task) pairs run at once, each with ``OMP_NUM_THREADS`` = cores / jobs. Each pair's output
 goes to ``OUT/logs/<task>-<variant>.log``; ``OUT/study.json`` records the selections and the wall
 time of every step.
@@ -92,6 +94,14 @@ def seeds_command(study: Study, task: str, variant: str, selected: list[str]) ->
     ]
 
 
+def pair_finished(study: Study, record: dict[str, Any] | None) -> bool:
+    """Whether an earlier invocation finished this pair: recorded without error, every seed run scored."""
+    if record is None or "error" in record:
+        return False
+    seeds_dir = study.out / "seeds" / record["task"] / record["variant"]
+    return all((seeds_dir / f"seed={seed}" / "results.json").exists() for seed in study.seeds)
+
+
 def run_pair(study: Study, task: str, variant: str, env: dict[str, str], root: Path) -> dict[str, Any]:
     """Tune, select and run the seeds of one (variant, task); its record for study.json."""
     log_path = study.out / "logs" / f"{task}-{variant}.log"
@@ -128,10 +138,12 @@ def run_study(study: Study, jobs: int, root: Path, console: Console) -> list[dic
     lock, start = threading.Lock(), time.perf_counter()
 
     def one(pair: tuple[str, str]) -> None:
-        record = run_pair(study, *pair, env=env, root=root)
+        finished = pair_finished(study, by_pair.get(pair))
+        record = by_pair[pair] if finished else run_pair(study, *pair, env=env, root=root)
         with lock:
             records.append(record)
             status = f"[red]{record['error']}[/red]" if "error" in record else f"validation {record['val']:.4f}"
+            status += " (finished earlier)" if finished else ""
             console.print(f"[{len(records)}/{len(pairs)}] {pair[1]} on {pair[0]}: {status}"
                           f" ({(time.perf_counter() - start) / 3600:.2f} h so far)")
             by_pair[pair] = record

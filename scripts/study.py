@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", type=Path, help="the study file (YAML)")
     parser.add_argument("--jobs", type=int, default=2, help="(variant, task) pairs run at once")
     args = parser.parse_args(argv)
-    records = run_study(load_study(args.study), args.jobs, ROOT, Console())
+    records = run_study(load_study(args.study), args.jobs, ROOT, Console(soft_wrap=True))
     failed = [r for r in records if "error" in r]
     return 1 if failed else 0
 

@@ -73,6 +73,10 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
         tuned = [item for item in pair["overrides"] if item.startswith("optim.lr=")]
         assert config["seed"] == 1 and tuned and config["optim"]["lr"] == float(tuned[0].split("=")[1])
 
+    again = subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
+    assert again.stdout.count("(finished earlier)") == 2  # a rerun enters no finished pair again
+    assert len(json.loads((tmp_path / "runs" / "study.json").read_text())["invocations"]) == 2
+
     seeds = tmp_path / "runs" / "seeds"
     aggregate = [sys.executable, "scripts/aggregate.py", str(seeds), "--variants"]
     table = subprocess.run(aggregate, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
