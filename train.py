@@ -4,14 +4,17 @@ Composes conf/train.yaml (see `python train.py --help` for the groups and their 
 runs ctrlora.run.train: backbone -> data -> method -> Lightning fit -> adapter -> eval -> report.
 """
 
+import contextlib
 import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from ctrlora.config import apply_offline, register_configs
+from ctrlora.config import TrainConfig, apply_offline, register_configs
 from ctrlora.errors import ConfigError, DataError, RunDirError, RunStopped, mark_failed
+from ctrlora.override_keys import unknown_override_keys
+from ctrlora.storage import storage_error
 
 register_configs()
 EXIT_CODES = {ConfigError: 2, DataError: 2, RunDirError: 2, RunStopped: 75}  # 75: temporary, run it again
@@ -20,8 +23,8 @@ EXIT_CODES = {ConfigError: 2, DataError: 2, RunDirError: 2, RunStopped: 75}  # 7
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the validation metric (``eval.val_metric``), the objective of a Hydra sweeper. An error
-    in the input (or a signal that stopped the run) prints one line and exits with EXIT_CODES; the
-    traceback only with HYDRA_FULL_ERROR=1."""
+    in the input, a full or unwritable disk, or a signal that stopped the run prints one line and
+    exits with EXIT_CODES; the traceback only with HYDRA_FULL_ERROR=1."""
     from ctrlora.console import quiet_libraries
 
     apply_offline(cfg.offline)  # both before the libraries below load
@@ -31,9 +34,13 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         return objective_value(train(cfg), cfg.eval.val_metric, cfg.model.task)
-    except tuple(EXIT_CODES) as error:
+    except Exception as raised:  # noqa: BLE001 - re-raised below unless an input, disk or stop error
+        error = raised if isinstance(raised, tuple(EXIT_CODES)) else storage_error(raised, cfg.run_dir)
+        if error is None:
+            raise
         if not isinstance(error, RunStopped):
-            mark_failed(cfg.run_dir, error)
+            with contextlib.suppress(OSError):  # on a full disk the marker may not fit either
+                mark_failed(cfg.run_dir, error)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{type(error).__name__}: {error}", file=sys.stderr)
@@ -41,4 +48,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:  # before Hydra, whose own refusal names no valid key
+        unknown_override_keys(sys.argv[1:], TrainConfig)
+    except ConfigError as error:
+        print(f"ConfigError: {error}", file=sys.stderr)
+        sys.exit(2)
     main()

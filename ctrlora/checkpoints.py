@@ -13,8 +13,9 @@ the middle of writing a checkpoint. Two rules make that harmless:
 3. The two newest checkpoints are kept (the older is removed only once the newer is durable), and a
    resume skips a newest checkpoint that does not open — a disk error, a bad copy — saying so.
 
-`SignalCheckpoint` stops a run on SIGTERM/SIGUSR1 (a scheduler's notice) at the next optimizer-step
-boundary, after writing a checkpoint there, so `resume=true` continues from exactly that step.
+`SignalCheckpoint` stops a run on SIGTERM/SIGUSR1/SIGUSR2 (a scheduler's notice) at the next
+optimizer-step boundary, after writing a checkpoint there, so `resume=true` continues from exactly
+that step; then `pass_on` requeues a SLURM job (see there).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = re.compile(r"^step(\d+)\.ckpt$")
 CHECKPOINT_FORMAT = "step{:06d}.ckpt"  # ModelCheckpoint's filename="step{step:06d}" (trainers.checkpoint_callback)
 PARTIAL_SUFFIX = ".partial"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: submitit's notice
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,10 +52,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + PARTIAL_SUFFIX)
-        with open(partial, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+        except RuntimeError as error:  # torch.save reports a failed write so; the OSError under it says why
+            if not isinstance(error.__context__, OSError):
+                raise
+            raise OSError(error.__context__.errno, error.__context__.strerror, str(partial)) from error
         os.replace(partial, path)
 
 
@@ -142,3 +150,25 @@ class SignalCheckpoint(L.Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    def pass_on(self) -> str:
+        """After a stop, what the signal asked of the job; returns what was done ("; ..." or "").
+
+        A Python handler of the signal, outside training (submitit's: it requeues the job with
+        ``resume=true`` and exits the process; the one Lightning holds during `fit` is gone by now),
+        gets the signal. Under plain ``sbatch``
+        (``SLURM_JOB_ID`` set; submit with ``--requeue --signal=B:USR1@300`` and ``resume=true`` in the
+        command) SIGUSR1/SIGUSR2 requeue the job with ``scontrol requeue``. Otherwise nothing.
+        """
+        if self.received is not None and callable(signal.getsignal(self.received)):
+            signal.raise_signal(self.received)  # its handler runs now, with ours gone (submitit's exits)
+            return ""
+        job = os.environ.get("SLURM_JOB_ID")
+        if job is None or self.received not in (signal.SIGUSR1, signal.SIGUSR2) or os.environ.get("SLURM_PROCID", "0") != "0":
+            return ""
+        if shutil.which("scontrol") is None:
+            return f"; SLURM job {job} not requeued: no scontrol on PATH"
+        requeued = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if requeued.returncode != 0:
+            return f"; SLURM job {job} not requeued: {requeued.stderr.strip()} (submit with sbatch --requeue)"
+        return f"; SLURM job {job} requeued"

@@ -23,6 +23,7 @@ from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.errors import ConfigError
 from ctrlora.evaluation.config import EvalConfig, objective_metric
 from ctrlora.methods.settings import CgSettings, CtrSettings, SensitivitySettings
+from ctrlora.override_keys import unknown_key_error
 
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -217,10 +218,7 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         OmegaConf.merge(schema, OmegaConf.to_container(cfg))
     except ConfigKeyError as error:
-        parent = str(error.full_key).rpartition(".")[0]
-        node = OmegaConf.select(schema, parent) if parent else schema
-        valid = sorted(node.keys()) if hasattr(node, "keys") else []
-        raise ConfigError(f"unknown config key {error.full_key!r}; valid keys here: {', '.join(valid)}") from None
+        raise unknown_key_error(schema, str(error.full_key)) from None
     if cfg.trainer.max_steps <= 0:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0")
     if cfg.trainer.checkpoint_every_n_steps <= 0:
@@ -267,11 +265,23 @@ def apply_offline(offline: bool) -> None:
 
 def check_environment(cfg: DictConfig) -> None:
     """What a valid config needs of this machine, checked before anything loads: the devices, the
-    packages its settings use, and the model's weights (a local path, or offline the hub cache)."""
+    packages its settings use, the model's weights (a local path, or offline the hub cache) and the
+    evaluation's data."""
     check_devices(cfg.trainer)
     check_packages(cfg)
     check_model_path(cfg.model)
     check_offline_weights(cfg)
+    check_eval_data(cfg)
+
+
+def check_eval_data(cfg: DictConfig) -> None:
+    """A causal LM's lm-eval suite: its local files and mirrors read row by row (every label among the
+    choices), and offline its hub datasets cached — before training, not after it."""
+    if cfg.model.task == "sequence_classification" or cfg.eval.suite == "none" or not cfg.eval.tasks:
+        return  # a classifier is scored on its own test split, checked with the data
+    from ctrlora.evaluation.suite import check_eval_inputs  # imports lm-eval: only when a suite runs
+
+    check_eval_inputs(OmegaConf.to_object(cfg.eval), offline=cfg.offline)
 
 
 def check_devices(trainer: DictConfig) -> None:

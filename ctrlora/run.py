@@ -258,8 +258,9 @@ def train(composed: DictConfig) -> dict[str, Any]:
         raise KeyboardInterrupt(f"training interrupted; resume with resume=true run_dir={run_dir}")
     stop = next(callback for callback in run.trainer.callbacks if isinstance(callback, SignalCheckpoint))
     if stop.stopped_by:
+        requeued = stop.pass_on()
         raise RunStopped(f"{stop.stopped_by} stopped the run after step {stop.stopped_at} (its checkpoint is"
-                         f" written); continue it with resume=true run_dir={run_dir}")
+                         f" written){requeued}; continue it with resume=true run_dir={run_dir}")
     adapter_state = gather_adapter_state(run.model)  # FSDP: a collective on every rank; else None
     if not run.trainer.is_global_zero:
         return {}

@@ -16,7 +16,7 @@ from kill_points import kill_after_step, kill_before_results
 from safetensors.torch import load_file
 from test_kill_resume import STEPS, killed_attempt, single_thread  # noqa: F401  (a fixture)
 
-from ctrlora.checkpoints import checkpoint_step
+from ctrlora.checkpoints import SignalCheckpoint, checkpoint_step
 from ctrlora.errors import RunStopped
 from ctrlora.lit import FinetuneModule
 from ctrlora.run import train
@@ -80,3 +80,34 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes_the_run(
     assert type(getattr(handler, "__self__", None)).__name__ != "SignalCheckpoint"  # handed back
     train(compose_config([*overrides, "resume=true"]))
     assert same_adapter(full, stopped)
+
+
+def test_a_stopped_slurm_job_is_requeued_by_scontrol_or_by_submitits_own_handler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain sbatch: SIGUSR1 ends in `scontrol requeue $SLURM_JOB_ID` (a stand-in scontrol records its
+    arguments). Under submitit, the handler it installed gets the signal."""
+    calls = tmp_path / "scontrol-calls"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+
+    def stopped_by(signum: int) -> SignalCheckpoint:
+        stop = SignalCheckpoint(tmp_path)
+        stop.on_train_start(None, None)  # type: ignore[arg-type]
+        os.kill(os.getpid(), signum)
+        stop.on_train_end(None, None)  # type: ignore[arg-type]
+        return stop
+
+    assert stopped_by(signal.SIGUSR1).pass_on() == "; SLURM job 4242 requeued"
+    assert calls.read_text() == "requeue 4242\n"
+    received: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, _: received.append(signum))
+    try:
+        assert stopped_by(signal.SIGUSR2).pass_on() == "" and received == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls.read_text() == "requeue 4242\n"  # submitit's handler requeues; scontrol is not called again

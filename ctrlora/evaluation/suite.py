@@ -18,7 +18,7 @@ from ctrlora.evaluation.base_row import cached_base_row
 from ctrlora.evaluation.config import EvalConfig
 from ctrlora.evaluation.harness import Row, run_tasks
 from ctrlora.evaluation.sections import RESERVED_KEYS
-from ctrlora.evaluation.tasks import SuiteTasks, write_task_yamls
+from ctrlora.evaluation.tasks import SuiteTasks, dataset_cached, hub_datasets, task_configs, write_task_yamls
 
 BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")  # PEFT inits that rewrite the base weights
 
@@ -98,10 +98,28 @@ def cache_root_of(cfg: EvalConfig, cache_root: Path | None) -> Path:
 
 
 def prepare(cfg: EvalConfig, cache_root: Path | None) -> SuiteTasks:
+    check_task_names(cfg)
+    return write_task_yamls(cfg, cache_root_of(cfg, cache_root))
+
+
+def check_task_names(cfg: EvalConfig) -> None:
     reserved = [name for name in cfg.tasks if name in RESERVED_KEYS]
     if reserved:
         raise ConfigError(f"eval.tasks: {', '.join(reserved)} is reserved in results.json; rename the task")
-    return write_task_yamls(cfg, cache_root_of(cfg, cache_root))
+
+
+def check_eval_inputs(cfg: EvalConfig, offline: bool) -> None:
+    """What the suite reads, checked before training: task names, local files and mirrors row by row,
+    and (offline) that every hub dataset without a mirror is in the local cache."""
+    check_task_names(cfg)
+    configs = task_configs(cfg)
+    missing = sorted(repo for repo in hub_datasets(configs) if not dataset_cached(repo)) if offline else []
+    if missing:
+        raise ConfigError(
+            f"eval={cfg.suite} reads {', '.join(missing)} from the Hugging Face hub, which offline=true rules out"
+            " and which are not cached; set eval.data_dir=<folder of mirrors> (written once by"
+            " scripts/export_mirrors.py), eval=none, or offline=false where the hub is reachable"
+        )
 
 
 def check_base_unchanged(model: PeftModel) -> None:

@@ -58,20 +58,7 @@ class SuiteTasks:
 
 def write_task_yamls(cfg: EvalConfig, cache_root: Path) -> SuiteTasks:
     """Generate the suite's task YAMLs under ``cache_root/lm_eval_tasks/<hash>/`` (once)."""
-    configs: dict[str, dict[str, Any]] = {}
-    for name, spec in cfg.tasks.items():
-        if spec.local is not None:
-            configs[name] = local_task_config(name, spec)
-        elif name == "mmlu":
-            configs.update(mmlu_configs(spec, cfg.data_dir))
-        elif name in STOCK_TASKS:
-            configs[name] = stock_task_config(name, spec, cfg.data_dir)
-        else:
-            known = ", ".join(["mmlu", *STOCK_TASKS])
-            raise ConfigError(
-                f"eval.tasks.{name}: unknown task; known stock tasks: {known} — or give "
-                f"eval.tasks.{name}.local (a multiple-choice task over a local file)"
-            )
+    configs = task_configs(cfg)
     texts = {
         stem: yaml.safe_dump(config, sort_keys=False, allow_unicode=True) for stem, config in configs.items()
     }
@@ -88,6 +75,44 @@ def write_task_yamls(cfg: EvalConfig, cache_root: Path) -> SuiteTasks:
             shutil.rmtree(staging, ignore_errors=True)
     files = sorted({Path(path) for config in configs.values() for path in data_files(config)})
     return SuiteTasks(directory, tuple(files))
+
+
+def task_configs(cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    """Every task config of the suite by file stem, its local files and mirrors checked row by row."""
+    configs: dict[str, dict[str, Any]] = {}
+    for name, spec in cfg.tasks.items():
+        if spec.local is not None:
+            configs[name] = local_task_config(name, spec)
+        elif name == "mmlu":
+            configs.update(mmlu_configs(spec, cfg.data_dir))
+        elif name in STOCK_TASKS:
+            configs[name] = stock_task_config(name, spec, cfg.data_dir)
+        else:
+            known = ", ".join(["mmlu", *STOCK_TASKS])
+            raise ConfigError(
+                f"eval.tasks.{name}: unknown task; known stock tasks: {known} — or give "
+                f"eval.tasks.{name}.local (a multiple-choice task over a local file)"
+            )
+    return configs
+
+
+def hub_datasets(configs: dict[str, dict[str, Any]]) -> set[str]:
+    """The Hugging Face hub datasets the task configs read (those without a local file or mirror)."""
+    paths = {config.get("dataset_path") or stock_config(Path(config["include"])).get("dataset_path")
+             for config in configs.values() if "group" not in config}
+    return {path for path in paths if path and path not in MIRROR_BUILDERS.values()}
+
+
+def dataset_cached(repo: str) -> bool:
+    """Whether `datasets` can load hub dataset `repo` offline: its prepared copy under
+    HF_DATASETS_CACHE (``namespace___name/<config>/<version>/<hash>``) or its files in the hub cache."""
+    from datasets import config as datasets_config
+    from datasets.naming import camelcase_to_snakecase
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    *namespace, name = repo.split("/")
+    prepared = Path(datasets_config.HF_DATASETS_CACHE) / "___".join([*namespace, camelcase_to_snakecase(name)])
+    return any(prepared.glob("*/*/*")) or (Path(HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}").is_dir()
 
 
 def data_files(config: dict[str, Any]) -> list[str]:
@@ -182,7 +207,7 @@ def local_task_config(name: str, spec: TaskSpec) -> dict[str, Any]:
         )
     fields = template_fields(data.prompt_template, f"{key}.prompt_template")
     for split, path in files.items():
-        check_local_rows(path, f"{key}.{split}", fields, data.label_field, data.choices)
+        check_local_rows(path, f"{key}.{split}", fields, data.label_field, (f"{key}.choices", data.choices))
     config: dict[str, Any] = {
         "task": name,
         "dataset_path": builders.pop(),
@@ -241,8 +266,12 @@ def jinja_literal(text: str) -> str:
     return f"{{% raw %}}{text}{{% endraw %}}" if "{" in text or "}" in text else text
 
 
-def check_local_rows(path: Path, key: str, fields: list[str], label_field: str, choices: list[str]) -> None:
-    """Every row has the template's fields and a label among the choices (or a valid index)."""
+def check_local_rows(
+    path: Path, key: str, fields: list[str], label_field: str, choices: tuple[str, list[str]]
+) -> None:
+    """Every row of the file at config key `key` has the template's fields and a label among the
+    choices (or a valid index); `choices` is (its config key, the answer words)."""
+    choices_key, choices = choices
     table = load_rows(str(path), key=key)
     for index, row in enumerate(table.rows):
         missing = [name for name in [*fields, label_field] if name not in row]
@@ -253,5 +282,5 @@ def check_local_rows(path: Path, key: str, fields: list[str], label_field: str, 
         if label not in choices and not valid_index:
             raise DataError(
                 f"{table.location(index)}: {label_field}={label!r} is not one of the choices "
-                f"{', '.join(choices)} ({key}.choices)"
+                f"{', '.join(choices)} ({choices_key}; file {key})"
             )
