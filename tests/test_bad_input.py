@@ -36,12 +36,15 @@ def run_train(*overrides: str, env: dict[str, str] | None = None, max_file_bytes
 def test_bad_values_exit_2_with_one_line_before_any_run_dir(tmp_path: Path) -> None:
     empty = tmp_path / "empty_weights"
     empty.mkdir()
+    pirate = tmp_path / "test_with_a_new_label.jsonl"  # the local eval task's test file: a label not in its choices
+    pirate.write_text('{"text": "Ahoy.", "label": "pirates"}\n')
     cases = {
         "optim.lr=-1e-3": "optim.lr=-0.001 must be > 0",
         f"model.path={empty}": "holds no config.json",
         "trainer=ddp": "needs a GPU and none is visible" if not torch.cuda.is_available() else None,
         "model=llama2-7b": "has no local copy: not in the Hugging Face cache, and offline=true",
         "eval=paper": "reads Rowan/hellaswag, allenai/ai2_arc, allenai/winogrande, aps/super_glue, cais/mmlu",
+        f"eval.tasks.fortune_topics.local.test={pirate}": "line 1: label='pirates' is not one of the choices",
     }
     for override, message in cases.items():
         if message is None:
@@ -49,7 +52,7 @@ def test_bad_values_exit_2_with_one_line_before_any_run_dir(tmp_path: Path) -> N
         run_dir = tmp_path / override.split("=")[0].replace(".", "_")
         result = run_train(override, f"hydra.run.dir={run_dir}")
         assert result.returncode == 2, (override, result.stderr[-2000:])
-        errors = [line for line in result.stderr.splitlines() if "ConfigError" in line]
+        errors = [line for line in result.stderr.splitlines() if line.startswith(("ConfigError", "DataError"))]
         assert len(errors) == 1 and message in errors[0], (override, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, override
         assert {path.name for path in run_dir.iterdir()} <= {".hydra", "train.log", FAILED_FILE}, override
