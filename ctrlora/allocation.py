@@ -1,4 +1,4 @@
-"""Budget -> integer ranks (METHODS §1, §4, §6.1, §6.3).
+"""Budget -> integer ranks (docs/METHODS.md §1, §4, §6.1, §6.3).
 
 Three rules turn per-module scores into ranks ``{module name: rank}``:
 
@@ -16,7 +16,7 @@ Three rules turn per-module scores into ranks ``{module name: rank}``:
 ``uniform`` (ablation)
     ``budget`` is the rank of every module (``r̄``), clamped to ``[r_min, r_max]``.
 
-``reallocate`` applies the greedy rule to refreshed utilities with hysteresis (METHODS §6.3).
+``reallocate`` applies the greedy rule to refreshed utilities with hysteresis (docs/METHODS.md §6.3).
 Everything here is plain Python on floats/ints: it runs identically on every data-parallel rank.
 """
 

@@ -64,7 +64,7 @@ class ModelConfig:
 
 @dataclass
 class AdaLoraSettings:
-    """PEFT AdaLoRA schedule as fractions of total steps (METHODS §1)."""
+    """PEFT AdaLoRA schedule as fractions of total steps (docs/METHODS.md §1)."""
 
     init_r_factor: float = 1.5
     tinit: float = 0.05
@@ -77,7 +77,7 @@ class AdaLoraSettings:
 
 @dataclass
 class MethodConfig:
-    """A PEFT method. Baselines map 1:1 onto PEFT options (METHODS §2)."""
+    """A PEFT method. Baselines map 1:1 onto PEFT options (docs/METHODS.md §2)."""
 
     name: str = "lora"
     alpha: float = 16.0

@@ -1,4 +1,4 @@
-"""Run outputs: the stock PEFT adapter, results.json (EVALUATION §2), summary.md, the loss curve."""
+"""Run outputs: the stock PEFT adapter, results.json (docs/EVALUATION.md §2), summary.md, the loss curve."""
 
 from __future__ import annotations
 

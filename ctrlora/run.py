@@ -1,4 +1,4 @@
-"""One run, top to bottom (DESIGN §4): config -> backbone -> data -> method -> fit -> save -> report."""
+"""One run, top to bottom (docs/DESIGN.md §4): config -> backbone -> data -> method -> fit -> save -> report."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A fair comparison from one study file (EVALUATION §4.1): per task and variant, tune, select, seeds.
+"""A fair comparison from one study file (docs/EVALUATION.md §4.1): per task and variant, tune, select, seeds.
 
     python scripts/study.py experiments/nlu_minilm/study.yaml             # resumable; --jobs 2
     python scripts/aggregate.py experiments/nlu_minilm/runs/seeds --variants

@@ -1,4 +1,4 @@
-"""CTR-LoRA's trust region: a curvature-metric penalty on the adapter update (METHODS §6.2).
+"""CTR-LoRA's trust region: a curvature-metric penalty on the adapter update (docs/METHODS.md §6.2).
 
 The training loss is ``L_task + λ(t) · ½ Σ_l ‖s_l B_l A_l‖²_{M_l}`` with the Kronecker metric
 ``M_l = S_g ⊗ S_a`` of module l, ``‖X‖²_M = tr(Xᵀ S_g X S_a)``. With the damped raw K-FAC factors
@@ -130,7 +130,7 @@ class TrustRegionPenalty:
     """``½ Σ_l ‖s_l B_l A_l‖²_{M_l}`` over the adapted modules (without λ: multiply by λ(t)).
 
     ``metrics`` maps module names to their ``ModuleMetric``; ``update`` swaps in refreshed factors
-    (METHODS §6.3). Calling it with ``{name: (B, A)}`` sums ``kronecker_penalty`` over exactly the
+    (docs/METHODS.md §6.3). Calling it with ``{name: (B, A)}`` sums ``kronecker_penalty`` over exactly the
     modules of ``metrics``; a module missing from the adapters is an error, so a renamed or
     dropped module can never silently leave the penalty.
     """

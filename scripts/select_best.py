@@ -4,7 +4,7 @@
     python scripts/select_best.py tune/ctrlora                    # -> tune/ctrlora/selected/*.yaml + commands
     python scripts/select_best.py tune/ --seeds 0,1,2,3,4 --out runs/seeds
 
-(EVALUATION §4.1 calls it `scripts/select.py`; a file of that name in scripts/ would stand in for the
+(docs/EVALUATION.md §4.1 calls it `scripts/select.py`; a file of that name in scripts/ would stand in for the
 standard library's `select`, which `subprocess` imports, in every script run from this folder.)
 
 Writes, per (model, method, data), ``SWEEP_DIR/selected/<model>-<method>-<data>.yaml`` (the trial's

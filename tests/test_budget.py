@@ -1,4 +1,4 @@
-"""Budget arithmetic (METHODS §1) from architecture configs alone: meta device, no weights."""
+"""Budget arithmetic (docs/METHODS.md §1) from architecture configs alone: meta device, no weights."""
 
 from __future__ import annotations
 

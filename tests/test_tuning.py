@@ -1,4 +1,4 @@
-"""Per-method tuning (EVALUATION §4.1): `hydra/sweeper=optuna` runs a seeded Optuna sweep over the method's
+"""Per-method tuning (docs/EVALUATION.md §4.1): `hydra/sweeper=optuna` runs a seeded Optuna sweep over the method's
 own search space offline, and scripts/select_best.py picks the trial with the best validation score."""
 
 from __future__ import annotations

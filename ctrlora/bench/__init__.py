@@ -1,4 +1,4 @@
-"""`make bench` (EVALUATION §3): every method at one budget on the same model and batches, in one process.
+"""`make bench` (docs/EVALUATION.md §3): every method at one budget on the same model and batches, in one process.
 
 For each method: the median step time after warm-up, tokens/s, peak memory and, for the
 curvature-aware methods, the curvature work (initial estimate + refreshes) as a fraction of a

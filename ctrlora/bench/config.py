@@ -27,7 +27,7 @@ class EstimatorSpec:
 
 @dataclass
 class BenchSettings:
-    """What `python -m ctrlora.bench` measures (EVALUATION §3); see conf/bench.yaml for each key."""
+    """What `python -m ctrlora.bench` measures (docs/EVALUATION.md §3); see conf/bench.yaml for each key."""
 
     model: str = "small"
     model_path: str | None = None

@@ -1,4 +1,4 @@
-"""Curvature estimators (METHODS §3): activation moments, K-FAC factors, Hutchinson diagonals.
+"""Curvature estimators (docs/METHODS.md §3): activation moments, K-FAC factors, Hutchinson diagonals.
 
 Public names are imported lazily, so `ctrlora.curvature.config` (used by the Hydra schema) stays
 cheap to import.

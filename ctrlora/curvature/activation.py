@@ -1,4 +1,4 @@
-"""`activation` estimator (METHODS §3): input second moments ``S_a = (1/P) Σ_p x_p x_pᵀ``, forward only.
+"""`activation` estimator (docs/METHODS.md §3): input second moments ``S_a = (1/P) Σ_p x_p x_pᵀ``, forward only.
 
 The sum runs over the objective's statistics positions (every non-padding position; see
 `ctrlora.curvature.objectives`): the layer's reconstruction error matters wherever it is applied.

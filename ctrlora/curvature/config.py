@@ -1,4 +1,4 @@
-"""Settings of the curvature estimators (METHODS §3); the `curvature=` config group."""
+"""Settings of the curvature estimators (docs/METHODS.md §3); the `curvature=` config group."""
 
 from __future__ import annotations
 

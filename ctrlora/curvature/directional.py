@@ -9,7 +9,7 @@ the outputs (for softmax cross-entropy ``diag(p) − ppᵀ`` per counted token, 
 Fisher). Per calibration batch, one forward-mode JVP gives ``u = J V`` (the outputs' tangent);
 then ``d = ⟨∇_z ℓ, u⟩`` and ``c = uᵀ H_ℓ u`` come from the loss in the outputs alone (a backward
 and a double backward through the loss head, never through the model). Sums are divided by the
-counted tokens T (all ranks), as every estimator's are (METHODS §3). The minimiser of the model
+counted tokens T (all ranks), as every estimator's are (docs/METHODS.md §3). The minimiser of the model
 is ``η* = −d / c``, K-FAC's own step rescaling (Martens & Grosse 2015 §6.4), exact where the
 Kronecker factors underestimate the curvature along V.
 """

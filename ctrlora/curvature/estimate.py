@@ -56,7 +56,7 @@ def estimate_curvature(
     objective: Objective | None = None,
     cache_key: dict[str, Any] | None = None,
 ) -> CurvatureResult:
-    """Estimate the curvature of the `targets` of `model` on calibration `batches` (METHODS §3).
+    """Estimate the curvature of the `targets` of `model` on calibration `batches` (docs/METHODS.md §3).
 
     Args:
         model: a HF model or a `peft.PeftModel` (estimates are at its current weights, adapters

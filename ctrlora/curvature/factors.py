@@ -1,4 +1,4 @@
-"""Symmetric positive semi-definite curvature factors and their storage (METHODS §3).
+"""Symmetric positive semi-definite curvature factors and their storage (docs/METHODS.md §3).
 
 A `Factor` is one side of a Kronecker pair, `S_a` (d_in x d_in) or `S_g` (d_out x d_out), or the
 diagonal of a Hutchinson fit. Three storages share one interface:

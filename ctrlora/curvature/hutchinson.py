@@ -1,4 +1,4 @@
-"""`hutchinson` estimator (METHODS §3): diagonal of the Hessian (or Gauss–Newton matrix) of the targets.
+"""`hutchinson` estimator (docs/METHODS.md §3): diagonal of the Hessian (or Gauss–Newton matrix) of the targets.
 
 For the mean token loss ``L̄ = L / T`` (L the summed token loss, T the counted tokens) and
 Rademacher probes v over the target weights jointly,

@@ -1,4 +1,4 @@
-"""`kfac` estimator (METHODS §3): Kronecker factors with tokens as examples (K-FAC "expand").
+"""`kfac` estimator (docs/METHODS.md §3): Kronecker factors with tokens as examples (K-FAC "expand").
 
 Over the P statistics positions p (every non-padding position) and the T counted tokens of the
 calibration set:
@@ -11,14 +11,14 @@ with ``g_p = ∂L/∂y_p`` for the SUM ``L`` of the per-token losses, so its sca
 the batch size. The Fisher of the mean token loss is ``(1/T) Σ_p (g_p g_pᵀ) ⊗ (x_p x_pᵀ)`` under
 K-FAC's per-position independence; replacing the sum of products by P times the product of the
 position means gives ``S_g ⊗ S_a`` with the scales above (with P = T when every position is
-supervised, as in METHODS §3). ``S_g ⊗ S_a`` approximates that Fisher:
+supervised, as in docs/METHODS.md §3). ``S_g ⊗ S_a`` approximates that Fisher:
 ``ΔL ≈ ⟨G, ΔW⟩ + ½ tr(ΔWᵀ S_g ΔW S_a)``. ``fisher: empirical`` takes g_t from the true labels;
 ``fisher: mc`` from ``mc_samples`` label sets drawn from the model (seeded), averaging
 ``S_g`` over the draws, which makes ``E[S_g]`` the (type-2) Fisher factor. ``G`` always uses the true
 labels and is the exact gradient of the mean loss. All three sum over every position, since a
 position whose own label is ignored (a prompt token) still passes gradient to later tokens through
 attention (padding positions carry none): counting only supervised tokens in S_a and S_g, as
-METHODS §3 literally reads, leaves the directions of prompt inputs out of S_a while G holds them,
+docs/METHODS.md §3 literally reads, leaves the directions of prompt inputs out of S_a while G holds them,
 and the whitened gradient S_g^{-1/2} G S_a^{-1/2} blows up along them.
 """
 

@@ -1,6 +1,6 @@
-"""Factor storage plan and memory report (DESIGN §7), computable from configs alone.
+"""Factor storage plan and memory report (docs/DESIGN.md §7), computable from configs alone.
 
-Storage rule (METHODS §3): a factor of size dim x dim is stored dense when
+Storage rule (docs/METHODS.md §3): a factor of size dim x dim is stored dense when
 ``dim ≤ dense_max_dim``, else as its top ``factor_rank`` eigenpairs plus one isotropic value,
 ``(dim·k + k + 1)`` numbers. With ``max_factor_gb`` set and the settings over the cap, the plan
 picks the largest rank k that fits: wide factors keep being truncated and narrow ones dense when

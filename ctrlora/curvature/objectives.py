@@ -1,6 +1,6 @@
 """What a calibration batch means: model outputs, counted tokens, the summed loss, sampled labels.
 
-Token accounting (METHODS §3), for a batch of ``B`` sequences of length ``L``. Two masks:
+Token accounting (docs/METHODS.md §3), for a batch of ``B`` sequences of length ``L``. Two masks:
 ``token_mask`` marks the supervised (counted) tokens whose losses are summed — T of them;
 ``position_mask`` marks the positions whose layer inputs x_t and output gradients g_t enter the
 Kronecker factors — P of them. They differ only for causal LMs with masked prompts:

@@ -1,4 +1,4 @@
-"""What an estimate returns: per-target curvature plus a small report (DESIGN §5)."""
+"""What an estimate returns: per-target curvature plus a small report (docs/DESIGN.md §5)."""
 
 from __future__ import annotations
 

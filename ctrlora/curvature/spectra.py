@@ -1,4 +1,4 @@
-"""Spectra of whitened gradients (METHODS §5, §6.1).
+"""Spectra of whitened gradients (docs/METHODS.md §5, §6.1).
 
 The whitened gradient of a target is ``G̃ = R_g⁻¹ G R_a⁻ᵀ`` for square roots ``R Rᵀ = S`` of the
 damped factors (`Factor.whiten`: the Cholesky factor of a dense S, ``S^{1/2}`` otherwise). It
@@ -57,8 +57,8 @@ def whitened_gradient_svd(
     """Top-`rank` singular triplets of the whitened gradient ``G̃ ≈ U diag(S) Vᵀ`` (module docstring).
 
     U is d_out x rank, S descending, V is d_in x rank. With a dense G: a randomized SVD (`rank` +
-    `oversampling` columns, `power_iters`, `seed`; METHODS §6.1), or the exact one when that many
-    columns reach the smaller dimension or both dimensions are ≤ `exact_max_dim` (METHODS §5).
+    `oversampling` columns, `power_iters`, `seed`; docs/METHODS.md §6.1), or the exact one when that many
+    columns reach the smaller dimension or both dimensions are ≤ `exact_max_dim` (docs/METHODS.md §5).
     `damped`: the pair ``damped_pair(a, g, damping, pi_split)`` when the caller already holds it (so a
     factor shared by several targets is factorised once).
     With only a sketch, the sketch's damping must equal `damping` (it was whitened at estimation).

@@ -1,4 +1,4 @@
-"""Evaluation (EVALUATION §1): lm-eval suites on the in-memory model, local benchmark mirrors,
+"""Evaluation (docs/EVALUATION.md §1): lm-eval suites on the in-memory model, local benchmark mirrors,
 the cached base row, classification metrics for encoders, and the sweep tables.
 
 Public entry points (import them from their modules; this package imports nothing itself, so

@@ -1,4 +1,4 @@
-"""Sweep results -> the paper-style tables (EVALUATION §2): methods × benchmarks, mean ± std over
+"""Sweep results -> the paper-style tables (docs/EVALUATION.md §2): methods × benchmarks, mean ± std over
 seeds, the base row first, the best per column in bold; as markdown and CSV.
 
 A table holds the runs of one backbone. A row is one (method, budget) over its seeds; a column

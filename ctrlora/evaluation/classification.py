@@ -1,4 +1,4 @@
-"""Classification metrics for encoder backbones (EVALUATION §1): accuracy, macro-F1 and MCC.
+"""Classification metrics for encoder backbones (docs/EVALUATION.md §1): accuracy, macro-F1 and MCC.
 
 With predictions ŷ and labels y over n examples and K classes (torchmetrics' definitions):
 

@@ -1,4 +1,4 @@
-"""Settings of the evaluation suites (EVALUATION §1): the `eval=` config group.
+"""Settings of the evaluation suites (docs/EVALUATION.md §1): the `eval=` config group.
 
 A suite is a named set of lm-eval tasks, each with its own shots, metrics, limit and batch size,
 all overridable from the command line (``eval.tasks.gsm8k.num_fewshot=0``, ``eval.limit=20``).

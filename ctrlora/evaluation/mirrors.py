@@ -1,4 +1,4 @@
-"""Local mirrors of the benchmarks, each in its own Hugging Face schema (EVALUATION §1).
+"""Local mirrors of the benchmarks, each in its own Hugging Face schema (docs/EVALUATION.md §1).
 
 Layout under ``eval.data_dir``: one folder per lm-eval task, one file per split, named as the
 stock task config names its splits (``scripts/export_mirrors.py`` writes exactly this)::

@@ -1,4 +1,4 @@
-"""The ``eval`` section of results.json (EVALUATION §2) — its shape, and merging two of them.
+"""The ``eval`` section of results.json (docs/EVALUATION.md §2) — its shape, and merging two of them.
 
     {"<task>": {"<metric>": {"value": float, "stderr": float | None}, ...}, ...,
      "base": {"<task>": {...same shape...}},

@@ -1,4 +1,4 @@
-"""Pick each method's best trial of a tuning sweep by its validation score (EVALUATION §4.1).
+"""Pick each method's best trial of a tuning sweep by its validation score (docs/EVALUATION.md §4.1).
 
 A trial is a finished run dir under the sweep dir: its ``results.json`` (the ``val`` section), its
 ``config.yaml`` (which ``eval.val_metric`` was optimised, for which task) and Hydra's

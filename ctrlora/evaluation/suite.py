@@ -1,4 +1,4 @@
-"""Evaluate an adapted model on the configured suite (DESIGN §4 step 7) and build results.json's
+"""Evaluate an adapted model on the configured suite (docs/DESIGN.md §4 step 7) and build results.json's
 ``eval`` section (`ctrlora.evaluation.sections`): the model's row, the cached base row, and the
 versions that produced them.
 """

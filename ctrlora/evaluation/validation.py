@@ -1,4 +1,4 @@
-"""The validation score of a run (EVALUATION §4.1): what a sweeper optimises, never the test split.
+"""The validation score of a run (docs/EVALUATION.md §4.1): what a sweeper optimises, never the test split.
 
 ``val`` in results.json holds the mean training loss on the validation examples (per sequence for a
 classifier, per supervised token for a causal LM) and, for a classifier, accuracy, macro-F1 and MCC

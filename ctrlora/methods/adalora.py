@@ -1,4 +1,4 @@
-"""AdaLoRA through PEFT (METHODS §1–2): SVD-form adapters pruned from ⌈1.5 r̄⌉ to r̄ on average.
+"""AdaLoRA through PEFT (docs/METHODS.md §1–2): SVD-form adapters pruned from ⌈1.5 r̄⌉ to r̄ on average.
 
 PEFT's `AdaLoraModel.forward` adds the orthogonal regulariser to `outputs.loss` when labels are
 passed, so the loss goes through the model. `update_and_allocate` runs after every optimizer step,

@@ -1,4 +1,4 @@
-"""Change the rank of a live PEFT LoRA layer (CTR-LoRA re-allocation, METHODS §6.3).
+"""Change the rank of a live PEFT LoRA layer (CTR-LoRA re-allocation, docs/METHODS.md §6.3).
 
 The LoRA parameters keep their identity: their ``.data`` is replaced by a tensor of the new shape,
 so the optimizer, LoRA+ parameter groups and the trust-region penalty keep pointing at them; only

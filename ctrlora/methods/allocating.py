@@ -2,7 +2,7 @@
 `LoraConfig`, and the allocation record (`allocation.json`, `rank_heatmap.png`).
 
 Unequal ranks go into PEFT as ``rank_pattern`` and ``alpha_pattern`` keyed by the full module
-names (METHODS §1). The scaling rule fixes ``α_l`` so that PEFT's ``α_l / r_l`` is the intended
+names (docs/METHODS.md §1). The scaling rule fixes ``α_l`` so that PEFT's ``α_l / r_l`` is the intended
 scale: ``constant`` ``s = α/r̄`` (``α_l = α r_l / r̄``), ``rslora`` ``s = α/√r_l``
 (``α_l = α √r_l``) or ``standard`` ``s = α/r_l`` (``α_l = α``). rsLoRA is expressed through
 ``alpha_pattern`` rather than ``use_rslora`` so the PiSSA-style export conversion, which doubles

@@ -1,4 +1,4 @@
-"""The `Method` protocol, the method registry and the budget arithmetic of METHODS §1.
+"""The `Method` protocol, the method registry and the budget arithmetic of docs/METHODS.md §1.
 
 A method turns the run's budget into ranks, wraps the frozen backbone in a PEFT model, and may add
 a loss term, optimizer parameter groups, callbacks and resumable state. Methods register
@@ -26,7 +26,7 @@ from ctrlora.errors import ConfigError
 
 
 class Method(Protocol):
-    """What the training loop needs from a PEFT method (DESIGN §5)."""
+    """What the training loop needs from a PEFT method (docs/DESIGN.md §5)."""
 
     name: str
     needs_calibration: bool
@@ -77,7 +77,7 @@ def build_method(cfg: TrainConfig, total_steps: int, run_dir: Path) -> Method:
 
 @dataclass(frozen=True)
 class Budget:
-    """The budget of one run, resolved against the backbone (METHODS §1).
+    """The budget of one run, resolved against the backbone (docs/METHODS.md §1).
 
     N = backbone parameters, C = Σ_{l∈T} (n_l + m_l) over the target linears, and the
     uniform-equivalent rank r̄ = floor(ρN / C) (or `budget.rank`); target_params = r̄·C is what a

@@ -1,4 +1,4 @@
-"""CG-LoRA (arXiv 2603.29824, METHODS §5): curvature-whitened gradient initialisation.
+"""CG-LoRA (arXiv 2603.29824, docs/METHODS.md §5): curvature-whitened gradient initialisation.
 
 From K-FAC factors and the full-weight gradient G of the mean token loss on the calibration set
 (the estimator kind is forced to ``kfac``), each target starts at
@@ -17,7 +17,7 @@ init (A random, B = 0) and the run says so. ``cg.shift: false`` keeps W (the mod
 by ΔW₀); ``true`` subtracts ``s B₀A₀`` from W so the initial function is the pretrained one, and
 the export converts the adapter back to a delta on the original base (PEFT's PiSSA conversion).
 Ranks: r̄ everywhere, or ``cg.allocate: greedy`` on ``½σ²`` of T (CTR-LoRA's allocator).
-The top-r SVD of T is exact for targets with m, n ≤ 4096, randomized for wider ones (METHODS §5).
+The top-r SVD of T is exact for targets with m, n ≤ 4096, randomized for wider ones (docs/METHODS.md §5).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 
 def mean_token_loss(model: nn.Module, batches: Iterable[dict[str, Any]]) -> float:
-    """``Σ_t ℓ_t / T`` over the counted tokens of `batches` (eval mode, METHODS §3 token rules)."""
+    """``Σ_t ℓ_t / T`` over the counted tokens of `batches` (eval mode, docs/METHODS.md §3 token rules)."""
     return summed_loss(model, batches).per_token
 
 

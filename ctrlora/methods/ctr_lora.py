@@ -1,4 +1,4 @@
-"""CTR-LoRA (arXiv 2510.15962, METHODS §6): curvature rank allocation plus a curvature trust region.
+"""CTR-LoRA (arXiv 2510.15962, docs/METHODS.md §6): curvature rank allocation plus a curvature trust region.
 
 1. Allocation (step 0, frozen base): K-FAC factors and gradients (``curvature=kfac``, or the
    Kronecker fit of ``curvature=hutchinson``) on the calibration set; each target's rank units
@@ -17,7 +17,7 @@
    ``ctr.reallocate`` rank units move between adapted modules (grow/shrink, `adapter_resize`) when
    the greedy optimum beats the current utility by ``ctr.hysteresis``, until ``ctr.freeze_at``.
 
-Every ablation of METHODS §6.4 is a key: ``ctr.trust_region=false`` (λ = 0),
+Every ablation of docs/METHODS.md §6.4 is a key: ``ctr.trust_region=false`` (λ = 0),
 ``ctr.allocation=uniform``, both (plain LoRA through this code path, no calibration pass),
 ``curvature=hutchinson``, ``ctr.lambda0``/``ctr.lambda_schedule``, ``ctr.compose=loraplus|dora|pissa``.
 The refreshed factors, ranks and histories are in `state_dict`, so a resumed run continues exactly.
@@ -197,7 +197,7 @@ class CtrLoraMethod(AllocatingMethod):
 
     def spectra_of(self, curvature: CurvatureResult, names: list[str]) -> dict[str, WhitenedSpectrum]:
         """The top-``min(r_max, m, n)`` whitened-gradient spectrum of each of `names`: exact when m, n ≤
-        4096, else randomized (``ctr.oversampling``, ``ctr.power_iters``; METHODS §6.1)."""
+        4096, else randomized (``ctr.oversampling``, ``ctr.power_iters``; docs/METHODS.md §6.1)."""
         cfg, settings = self.curvature_settings(), self.settings
         ranks = {name: min(self.r_max, *self.shapes[name]) for name in names}
         return whitened_spectra(

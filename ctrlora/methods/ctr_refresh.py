@@ -1,4 +1,4 @@
-"""CTR-LoRA's curvature refresh during training (METHODS §6.3).
+"""CTR-LoRA's curvature refresh during training (docs/METHODS.md §6.3).
 
 `CurvatureRefresh` (a Lightning callback) calls ``method.refresh(trainer)`` right after the optimizer
 step whose index is a multiple of ``ctr.refresh_every`` (and below the last step), once per step

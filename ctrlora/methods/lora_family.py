@@ -1,4 +1,4 @@
-"""The LoRA-family baselines through PEFT (METHODS §2): lora, qlora, dora, pissa, loraplus.
+"""The LoRA-family baselines through PEFT (docs/METHODS.md §2): lora, qlora, dora, pissa, loraplus.
 
 They differ only in PEFT options set by their config files — `use_dora`, `init`
 (`pissa_niter_4`), `quantize_4bit`, `loraplus_ratio`, `rslora` — so one class serves all, and the

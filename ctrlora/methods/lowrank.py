@@ -1,4 +1,4 @@
-"""Low-rank updates in the Kronecker curvature metric (METHODS §5, §6.1, §6.3).
+"""Low-rank updates in the Kronecker curvature metric (docs/METHODS.md §5, §6.1, §6.3).
 
 For a target ``W ∈ R^{m×n}`` with damped factors ``S_g = R_g R_gᵀ`` (m×m) and ``S_a = R_a R_aᵀ``
 (n×n) the local model of the mean loss is ``ΔL ≈ ⟨G, ΔW⟩ + ½ tr(ΔWᵀ S_g ΔW S_a)``. Substituting
@@ -25,7 +25,7 @@ from ctrlora.curvature.factors import Factor, relative_damping
 from ctrlora.curvature.result import ModuleCurvature
 from ctrlora.curvature.spectra import whitened_gradient_svd
 
-EXACT_SVD_MAX_DIM = 4096  # METHODS §5, §6.1: the top-r SVD of a whitened gradient is exact when m, n ≤ 4096
+EXACT_SVD_MAX_DIM = 4096  # docs/METHODS.md §5, §6.1: the top-r SVD of a whitened gradient is exact when m, n ≤ 4096
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class DampedPairs:
         return entry[1]
 
     def __call__(self, curvature: ModuleCurvature) -> tuple[Factor, Factor]:
-        """``(S_a, S_g)`` damped as in METHODS §3 (raises if the curvature holds no Kronecker pair)."""
+        """``(S_a, S_g)`` damped as in docs/METHODS.md §3 (raises if the curvature holds no Kronecker pair)."""
         if curvature.a is None or curvature.g is None:
             raise ValueError("this method needs Kronecker factors a and g: use curvature=kfac or curvature=hutchinson")
         return self._damped(curvature.a), self._damped(curvature.g)
@@ -82,7 +82,7 @@ def whitened_spectra(
     seed: int = 0,
     exact_max_dim: int = 0,
 ) -> dict[str, WhitenedSpectrum]:
-    """The top-``ranks[name]`` SVD of each target's whitened gradient: randomized (METHODS §6.1), exact
+    """The top-``ranks[name]`` SVD of each target's whitened gradient: randomized (docs/METHODS.md §6.1), exact
     for targets whose dimensions are both ≤ `exact_max_dim` (`whitened_gradient_svd`)."""
     pairs = DampedPairs(damping, pi_split)
     spectra = {}
@@ -149,5 +149,5 @@ def truncate_in_metric(
 
 
 def damped_factors(curvature: ModuleCurvature, damping: float, pi_split: bool = False) -> tuple[Factor, Factor]:
-    """``(S_a, S_g)`` of one target damped as in METHODS §3 (see `DampedPairs` for many targets)."""
+    """``(S_a, S_g)`` of one target damped as in docs/METHODS.md §3 (see `DampedPairs` for many targets)."""
     return DampedPairs(damping, pi_split)(curvature)

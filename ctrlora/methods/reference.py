@@ -1,4 +1,4 @@
-"""Reference rows for encoder studies (EVALUATION §4): the frozen encoder with a trained head, and
+"""Reference rows for encoder studies (docs/EVALUATION.md §4): the frozen encoder with a trained head, and
 full fine-tuning. They bracket the adapter methods: no adaptation of the encoder at all, and every
 weight trained. Neither has a parameter budget or an adapter: the run's ``adapter/`` holds the whole
 fine-tuned model in Transformers' format (``AutoModelForSequenceClassification.from_pretrained``).

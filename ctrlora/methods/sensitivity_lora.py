@@ -1,4 +1,4 @@
-"""Sensitivity-LoRA (arXiv 2509.09119, METHODS §4): one-shot proportional rank allocation.
+"""Sensitivity-LoRA (arXiv 2509.09119, docs/METHODS.md §4): one-shot proportional rank allocation.
 
 The Hessian proxy of a target ``W ∈ R^{m×n}`` is ``2 S_a`` shared by its m rows, with
 ``S_a = (1/T) Σ_t x_t x_tᵀ`` from a forward-only pass over the calibration set (the estimator

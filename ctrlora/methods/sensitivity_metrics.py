@@ -1,4 +1,4 @@
-"""Sensitivity-LoRA's per-matrix sensitivity metrics and rank allocation (METHODS §4).
+"""Sensitivity-LoRA's per-matrix sensitivity metrics and rank allocation (docs/METHODS.md §4).
 
 For a target ``W ∈ R^{m×n}`` the Hessian proxy is ``2 S_a`` shared by the m rows, so its
 diagonal sensitivities, sorted, are ``λ = 2·diag(S_a)`` with every value repeated m times

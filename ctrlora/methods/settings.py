@@ -1,4 +1,4 @@
-"""Settings of the curvature-aware methods (METHODS §4–6); nested under `method.` in the config.
+"""Settings of the curvature-aware methods (docs/METHODS.md §4–6); nested under `method.` in the config.
 
 Every choice the papers leave open is a key here, with the default written in METHODS.md, and
 `allocation.json` records the values a run used. ``r_max: null`` means ``max(r̄, min(64, 4 r̄))``
@@ -41,7 +41,7 @@ def check_rank_bounds(key: str, r_min: int, r_max: int | None) -> None:
 
 @dataclass
 class SensitivitySettings:
-    """Sensitivity-LoRA (METHODS §4)."""
+    """Sensitivity-LoRA (docs/METHODS.md §4)."""
 
     topk_frac: float = 0.5  # k = ceil(topk_frac · N) sensitivities in the Top-k metric
     eff_alpha: float = 0.85  # effective rank: fewest sensitivities holding this share of the trace
@@ -58,7 +58,7 @@ class SensitivitySettings:
 
 @dataclass
 class CgSettings:
-    """CG-LoRA (METHODS §5)."""
+    """CG-LoRA (docs/METHODS.md §5)."""
 
     eta: Any = "auto"  # "auto" (η* of the exact quadratic model, backtracked on held-out batches) or a number
     eta_scale: float = 1.0  # eta=auto: η* times this before the backtracking over {η, η/4, η/16, 0}
@@ -86,7 +86,7 @@ class CgSettings:
 
 @dataclass
 class CtrSettings:
-    """CTR-LoRA (METHODS §6)."""
+    """CTR-LoRA (docs/METHODS.md §6)."""
 
     allocation: str = "greedy"  # greedy | uniform
     score: str = "per_param"  # per_param | raw

@@ -2,7 +2,7 @@
 
 Each method config declares what is tuned for it in ``method.search`` (Optuna's override grammar,
 e.g. ``optim.lr: tag(log, interval(1e-5, 1e-2))``): the learning rate for every method, plus λ₀ for
-CTR-LoRA and the η scale for CG-LoRA (EVALUATION §4.1). A sweeper's parameters live in the Hydra
+CTR-LoRA and the η scale for CG-LoRA (docs/EVALUATION.md §4.1). A sweeper's parameters live in the Hydra
 config, which cannot interpolate the job's ``method`` node, so this sweeper reads them once the
 whole config is composed: ``method.search``, then any ``hydra.sweeper.params`` given explicitly
 (which win). Everything else — seeded TPE, trials, directions, launchers — is Optuna's sweeper.

@@ -60,7 +60,7 @@ def test_svd_of_the_whitened_gradient_matches_its_definition():
     rough = whitened_gradient_svd(curvature, 5, damping, oversampling=1, power_iters=0)
     assert (rough[1] - exact.S[:5]).abs().max() > 1e-3  # one pass, one extra column: visibly off
     asked_exact = whitened_gradient_svd(curvature, 5, damping, oversampling=1, power_iters=0, exact_max_dim=40)
-    assert_close(asked_exact[1], exact.S[:5], 1e-10)  # both dims ≤ exact_max_dim (CG-LoRA, METHODS §5)
+    assert_close(asked_exact[1], exact.S[:5], 1e-10)  # both dims ≤ exact_max_dim (CG-LoRA, docs/METHODS.md §5)
 
 
 def test_sketch_recovers_the_dense_spectrum_exactly_when_the_gradient_has_low_rank():

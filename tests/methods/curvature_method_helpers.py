@@ -55,7 +55,7 @@ def target_names(model: torch.nn.Module) -> list[str]:
 
 
 def dense_curvature(model, batches, names, cfg: CurvatureConfig, want_grad: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """Damped dense ``S_a``, ``S_g`` (METHODS §3: ``S + γ tr(S)/d I``) and raw G of every target."""
+    """Damped dense ``S_a``, ``S_g`` (docs/METHODS.md §3: ``S + γ tr(S)/d I``) and raw G of every target."""
     result = estimate_curvature(model, batches, names, cfg, want_grad=want_grad, progress=False)
     dense = {}
     for name in names:

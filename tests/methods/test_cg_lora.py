@@ -57,7 +57,7 @@ def test_initial_update_is_the_closed_form_with_balanced_factors(tmp_path: Path)
 
 
 def test_the_svd_is_exact_where_a_randomized_one_would_not_be(tmp_path: Path) -> None:
-    """METHODS §5: exact top-r SVD for m, n ≤ 4096. Here every target is wider than the 2 + 10 columns of
+    """docs/METHODS.md §5: exact top-r SVD for m, n ≤ 4096. Here every target is wider than the 2 + 10 columns of
     the randomized SVD that CTR-LoRA's allocation uses, and the update still matches the closed form."""
     widths = {"hidden_size": 32, "intermediate_size": 48}  # k/v: 16 × 32
     cfg = train_config(tmp_path, "cg_lora", "budget.rank=2", "method.cg.eta=1")

@@ -271,7 +271,7 @@ def test_the_fisher_penalty_is_in_loss_units_whatever_the_batching_and_token_cou
 
 
 def test_utilities_come_from_an_exact_svd_where_a_randomized_one_is_off(tmp_path: Path) -> None:
-    """METHODS §6.1: exact SVD of the whitened gradient for m, n ≤ 4096. The targets here are wider than
+    """docs/METHODS.md §6.1: exact SVD of the whitened gradient for m, n ≤ 4096. The targets here are wider than
     r_max + oversampling (8 + 10), where the randomized SVD would be used otherwise."""
     widths = {"hidden_size": 48, "intermediate_size": 64}
     cfg = train_config(tmp_path, "ctrlora", "budget.rank=2", "method.ctr.power_iters=0")
