@@ -34,6 +34,7 @@ from transformers import (
 
 from ctrlora.config import ModelConfig, TinyLlamaConfig, check_model_path
 from ctrlora.errors import ConfigError
+from ctrlora.task_types import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 CHAT_TEMPLATE = (
@@ -188,10 +189,10 @@ def load_backbone(
         kwargs["trust_remote_code"] = True
     if quantize_4bit:
         kwargs["quantization_config"] = quantization_config(dtype, list(cfg.modules_to_save))
-    if cfg.task == "sequence_classification":
+    if cfg.task == SEQUENCE_CLASSIFICATION:
         kwargs["num_labels"] = num_labels or cfg.num_labels
         auto_class = AutoModelForSequenceClassification
-    elif cfg.task == "causal_lm":
+    elif cfg.task == CAUSAL_LM:
         auto_class = AutoModelForCausalLM
     else:
         raise ConfigError(f"model.task={cfg.task!r} is unknown; valid: causal_lm, sequence_classification")

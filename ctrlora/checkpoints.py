@@ -34,10 +34,11 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from ctrlora.atomic import staged
+
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = re.compile(r"^step(\d+)\.ckpt$")
 CHECKPOINT_FORMAT = "step{:06d}.ckpt"  # ModelCheckpoint's filename="step{step:06d}" (trainers.checkpoint_callback)
-PARTIAL_SUFFIX = ".partial"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: submitit's notice
 
 
@@ -49,19 +50,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + PARTIAL_SUFFIX)
-        try:
-            with open(partial, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-        except RuntimeError as error:  # torch.save reports a failed write so; the OSError under it says why
-            if not isinstance(error.__context__, OSError):
-                raise
-            raise OSError(error.__context__.errno, error.__context__.strerror, str(partial)) from error
-        os.replace(partial, path)
+        with staged(Path(path), durable=True) as partial:
+            try:
+                with open(partial, "wb") as file:
+                    torch.save(checkpoint, file)
+            except RuntimeError as error:  # torch.save reports a failed write so; the OSError under it says why
+                if not isinstance(error.__context__, OSError):
+                    raise
+                raise OSError(error.__context__.errno, error.__context__.strerror, str(partial)) from error
 
 
 def checkpoint_step(path: Path) -> int | None:

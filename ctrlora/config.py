@@ -24,6 +24,7 @@ from ctrlora.errors import ConfigError
 from ctrlora.evaluation.config import EvalConfig, objective_metric
 from ctrlora.methods.settings import CgSettings, CtrSettings, SensitivitySettings
 from ctrlora.override_keys import unknown_key_error
+from ctrlora.task_types import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -48,7 +49,7 @@ class ModelConfig:
     name: str = "tiny-llama"
     hub_id: str | None = None
     path: str | None = None  # local copy of the weights; required offline for hub models
-    task: str = "causal_lm"  # causal_lm | sequence_classification
+    task: str = CAUSAL_LM  # causal_lm | sequence_classification
     builder: str | None = None  # "tiny_llama": built locally and cached on disk
     package_dir: str | None = None  # weights shipped inside an installed Python package: "pkg/subdir"
     tiny: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
@@ -277,7 +278,7 @@ def check_environment(cfg: DictConfig) -> None:
 def check_eval_data(cfg: DictConfig) -> None:
     """A causal LM's lm-eval suite: its local files and mirrors read row by row (every label among the
     choices), and offline its hub datasets cached — before training, not after it."""
-    if cfg.model.task == "sequence_classification" or cfg.eval.suite == "none" or not cfg.eval.tasks:
+    if cfg.model.task == SEQUENCE_CLASSIFICATION or cfg.eval.suite == "none" or not cfg.eval.tasks:
         return  # a classifier is scored on its own test split, checked with the data
     from ctrlora.evaluation.suite import check_eval_inputs  # imports lm-eval: only when a suite runs
 

@@ -22,6 +22,12 @@ class RunStopped(RuntimeError):
     """A signal (SIGTERM/SIGUSR1) stopped the run at a step boundary, after a checkpoint there."""
 
 
+def check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise `ConfigError` naming the config key (e.g. ``method.ctr.compose``), the value and the choices."""
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+
+
 def mark_failed(run_dir: str | Path, error: Exception) -> None:
     """Write FAILED_FILE into `run_dir` when it exists (Hydra makes its output dir before a run
     starts) and holds no finished run: what stopped it, for whoever finds the dir."""

@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from ctrlora.atomic import staged, write_text_atomic
 from ctrlora.config import TrainConfig
 from ctrlora.evaluation.sections import task_rows
 from ctrlora.lit import RunStats
@@ -106,12 +107,10 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def write_rows(path: Path, rows: list[dict[str, str]]) -> None:
     """Write a metrics CSV atomically (columns: the union of the rows' keys)."""
     columns = sorted({key for row in rows for key in row})
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", newline="") as file:
+    with staged(path) as partial, open(partial, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(partial, path)
 
 
 def splice_rows(earlier: list[dict[str, str]], later: list[dict[str, str]], from_step: int) -> list[dict[str, str]]:
@@ -146,9 +145,7 @@ def merge_resumed_metrics(run_dir: Path, previous: Path, resumed_from_step: int)
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write atomically: a reader sees the old file or the complete new one."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(partial, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def build_results(

@@ -33,7 +33,8 @@ from ctrlora.fsdp import evaluation_model, gather_adapter_state
 from ctrlora.head_warmup import head_warmup_steps, warm_up_head
 from ctrlora.lit import FinetuneModule, RunStats
 from ctrlora.methods.base import Method, build_method
-from ctrlora.ranks import adopt_submitit_ranks, is_rank_zero
+from ctrlora.process_ranks import adopt_submitit_ranks, is_rank_zero
+from ctrlora.task_types import SEQUENCE_CLASSIFICATION
 from ctrlora.trainers import build_loggers, build_trainer
 from ctrlora.wandb_logging import log_run_summary
 
@@ -104,7 +105,7 @@ class AdapterSetup(L.Callback):
             self.stats.head_warmup = warm_up_head(
                 backbone, self.datamodule.calibration_dataloader(1, 0), head, steps, self.cfg.calibration.head_warmup_lr
             )
-        if self.cfg.model.task == "sequence_classification" and self.cfg.eval.suite != "none":
+        if self.cfg.model.task == SEQUENCE_CLASSIFICATION and self.cfg.eval.suite != "none":
             # random state kept: iterating a DataLoader draws from it, and the adapters' init follows
             cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with phase("scoring the base model (before adaptation) on the test split"), torch.random.fork_rng(cuda):
@@ -179,7 +180,7 @@ def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
         cfg.data, tokenizer, task=cfg.model.task, seed=cfg.seed, calibration=cfg.calibration, base_dir=Path.cwd()
     )
     datamodule.setup("fit")
-    num_labels = len(datamodule.label_names) if cfg.model.task == "sequence_classification" else None
+    num_labels = len(datamodule.label_names) if cfg.model.task == SEQUENCE_CLASSIFICATION else None
     with phase(f"loading {cfg.model.name}"):
         backbone = load_backbone(
             cfg.model, accelerator=cfg.trainer.accelerator, quantize_4bit=cfg.method.quantize_4bit,
@@ -205,7 +206,7 @@ def evaluate_run(cfg: TrainConfig, run: RunParts) -> tuple[dict[str, Any] | None
     the `eval` section: the suite through lm-eval on the in-memory model (its base row cached), or
     accuracy / macro-F1 / MCC on the test split for a sequence classifier (its base row: the frozen
     backbone with the head training started from, scored before adaptation); ``{}`` for eval=none."""
-    num_labels = len(run.datamodule.label_names) if cfg.model.task == "sequence_classification" else None
+    num_labels = len(run.datamodule.label_names) if cfg.model.task == SEQUENCE_CLASSIFICATION else None
     model = evaluation_model(  # under FSDP: the backbone + the saved adapter (the sharded model needs all ranks)
         run.model, Path(cfg.run_dir) / "adapter",
         lambda: load_backbone(cfg.model, accelerator=cfg.trainer.accelerator,
@@ -221,7 +222,7 @@ def evaluate_test(cfg: TrainConfig, run: RunParts, model: nn.Module) -> dict[str
     """The `eval` section of `evaluate_run`."""
     if cfg.eval.suite == "none":
         return {}
-    if cfg.model.task == "sequence_classification":
+    if cfg.model.task == SEQUENCE_CLASSIFICATION:
         section = classifier_eval_section(model, run.datamodule, cfg.eval.batch_size, cfg.eval.limit)
         return {**section, "base": run.stats.base_eval} if run.stats.base_eval else section
     return evaluate_model(

@@ -10,7 +10,7 @@ annealed to 0 over training.
 PEFT layout: a LoRA-wrapped ``nn.Linear`` (``W ∈ R^{m×n}``, m = out_features, n = in_features)
 holds ``lora_A[adapter].weight`` of shape ``(r, n)`` = A and ``lora_B[adapter].weight`` of shape
 ``(m, r)`` = B, and adds ``scaling[adapter] · B A x``; so the tensors go in as they are stored,
-no transposes. ``peft_lora_weights`` collects them from a ``PeftModel``.
+no transposes. ``ctrlora.peft_layout.lora_weights`` collects them from a ``PeftModel``.
 
 Under FSDP2 (`trainer=fsdp`) the adapter weights are ``DTensor`` shards; the penalty all-gathers
 them (``full_tensor``, differentiable) and computes the same value on every rank. Its gradient,
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -155,21 +155,3 @@ class TrustRegionPenalty:
             for name, metric in self.metrics.items()
         ]
         return 0.5 * torch.stack(terms).sum()
-
-
-def peft_lora_weights(model: nn.Module, adapter: str = "default") -> dict[str, tuple[Tensor, Tensor]]:
-    """``{module name: (B, A)}`` of every LoRA layer of a ``PeftModel`` for ``adapter``.
-
-    B is ``lora_B[adapter].weight`` (m×r) and A is ``lora_A[adapter].weight`` (r×n), the live
-    parameters (gradients flow). Names are those of the base model (PEFT's ``base_model.model.``
-    prefix removed), i.e. the names the curvature estimators hook, e.g.
-    ``model.layers.0.self_attn.q_proj``.
-    """
-    prefix = "base_model.model."
-    weights = {}
-    for name, module in model.named_modules():
-        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-        if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
-            key = name[len(prefix) :] if name.startswith(prefix) else name
-            weights[key] = (lora_b[adapter].weight, lora_a[adapter].weight)
-    return weights

@@ -35,7 +35,8 @@ from ctrlora.curvature.directional import directional_model
 from ctrlora.curvature.estimate import estimate_curvature
 from ctrlora.curvature.objectives import tokens_per_loss_term
 from ctrlora.data.datamodule import FinetuneDataModule
-from ctrlora.methods.allocating import ADAPTER, PEFT_PREFIX, lora_layers
+from ctrlora.peft_layout import ADAPTER, PEFT_PREFIX, lora_layers
+from ctrlora.task_types import SEQUENCE_CLASSIFICATION
 
 
 def measure(run_dir: Path) -> dict[str, float]:
@@ -47,7 +48,7 @@ def measure(run_dir: Path) -> dict[str, float]:
         cfg.data, tokenizer, task=cfg.model.task, seed=cfg.seed, calibration=cfg.calibration, base_dir=Path.cwd()
     )
     data.setup("fit")
-    num_labels = len(data.label_names) if cfg.model.task == "sequence_classification" else None
+    num_labels = len(data.label_names) if cfg.model.task == SEQUENCE_CLASSIFICATION else None
     backbone = load_backbone(cfg.model, accelerator="cpu", quantize_4bit=False, num_labels=num_labels)
     model = PeftModel.from_pretrained(backbone, run_dir / "adapter")
     batches = list(data.calibration_dataloader(1, 0))

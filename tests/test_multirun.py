@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ctrlora.config import TrainerConfig, validate_config
 from ctrlora.errors import ConfigError
-from ctrlora.ranks import adopt_submitit_ranks, process_rank
+from ctrlora.process_ranks import adopt_submitit_ranks, process_rank
 from ctrlora.trainers import build_trainer
 
 SWEEP = [

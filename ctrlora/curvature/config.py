@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ctrlora.errors import ConfigError, check_choice
+
 KINDS = ("kfac", "hutchinson", "activation")
 FISHER_TYPES = ("empirical", "mc")
 HUTCHINSON_MATRICES = ("hessian", "ggn")
 GRAD_MODES = ("dense", "sketch")
 
 
-def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"curvature.{key}={value!r} is not valid; choose one of {list(choices)}")
-
-
 def _check_positive(key: str, value: float | int, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"curvature.{key} must be {'≥' if allow_zero else '>'} 0, got {value}")
+        raise ConfigError(f"curvature.{key} must be {'≥' if allow_zero else '>'} 0, got {value}")
 
 
 @dataclass
@@ -40,10 +37,10 @@ class CurvatureConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("kind", self.kind, KINDS)
-        _check_choice("fisher", self.fisher, FISHER_TYPES)
-        _check_choice("matrix", self.matrix, HUTCHINSON_MATRICES)
-        _check_choice("grad_mode", self.grad_mode, GRAD_MODES)
+        check_choice("curvature.kind", self.kind, KINDS)
+        check_choice("curvature.fisher", self.fisher, FISHER_TYPES)
+        check_choice("curvature.matrix", self.matrix, HUTCHINSON_MATRICES)
+        check_choice("curvature.grad_mode", self.grad_mode, GRAD_MODES)
         _check_positive("mc_samples", self.mc_samples)
         _check_positive("probes", self.probes)
         _check_positive("damping", self.damping, allow_zero=True)

@@ -30,6 +30,7 @@ from transformers import (
 
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.hooks import base_linear, find_targets
+from ctrlora.task_types import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 
 GB = 1e9
 DEFAULT_TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -233,7 +234,7 @@ def memory_report(
     cfg: CurvatureConfig,
     *,
     target_suffixes: Sequence[str] = DEFAULT_TARGET_SUFFIXES,
-    task: str = "causal_lm",
+    task: str = CAUSAL_LM,
     element_bytes: int = 4,
     want_grad: bool = False,
 ) -> StoragePlan:
@@ -244,7 +245,7 @@ def memory_report(
     """
     if isinstance(config, Mapping):
         config = AutoConfig.for_model(**config)
-    auto = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+    auto = {CAUSAL_LM: AutoModelForCausalLM, SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification}
     if task not in auto:
         raise ValueError(f"task={task!r} is not valid; choose one of {sorted(auto)}")
     with torch.device("meta"):

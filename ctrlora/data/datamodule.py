@@ -34,8 +34,8 @@ from ctrlora.data.sampler import StepSampler
 from ctrlora.data.sources import RowTable, load_rows
 from ctrlora.data.tokenization import IGNORE_INDEX, TokenizedExample, tokenize_causal, tokenize_classification
 from ctrlora.errors import ConfigError, DataError
+from ctrlora.task_types import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS
 
-TASKS = ("causal_lm", "sequence_classification")
 HF_TEST_SPLIT = "test"  # the split read when data.test is a Hugging Face dataset id
 HF_VALIDATION_SPLIT = "validation"  # the split read when data.val is a Hugging Face dataset id
 
@@ -71,7 +71,7 @@ class FinetuneDataModule(L.LightningDataModule):
         self,
         data: DataConfig,
         tokenizer: PreTrainedTokenizerBase,
-        task: str = "causal_lm",
+        task: str = CAUSAL_LM,
         seed: int = 0,
         calibration: CalibrationConfig | None = None,
         base_dir: str | Path | None = None,
@@ -80,11 +80,11 @@ class FinetuneDataModule(L.LightningDataModule):
         check_format(data)
         if task not in TASKS:
             raise ConfigError(f"model.task={task!r} is not a known task; choose one of {', '.join(TASKS)}")
-        if task == "sequence_classification" and data.format != "classification":
+        if task == SEQUENCE_CLASSIFICATION and data.format != "classification":
             raise ConfigError(
                 f"model.task=sequence_classification needs data.format=classification, not {data.format!r}"
             )
-        if data.packing and task != "causal_lm":
+        if data.packing and task != CAUSAL_LM:
             raise ConfigError("data.packing=true applies to causal_lm only; set data.packing=false")
         pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -165,7 +165,7 @@ class FinetuneDataModule(L.LightningDataModule):
                 )
 
     def _tokenize(self, table: RowTable) -> list[TokenizedExample]:
-        if self.task == "causal_lm":
+        if self.task == CAUSAL_LM:
             add_special_tokens = not uses_chat_template(self.cfg, self.tokenizer)
             examples = tokenize_causal(
                 self._render_causal(table), self.tokenizer, self.cfg.max_length, add_special_tokens
@@ -202,7 +202,7 @@ class FinetuneDataModule(L.LightningDataModule):
         """Counts over the tokenised training examples (cheap: one pass over the token lists)."""
         examples = self._require_setup()
         supervised = None
-        if self.task == "causal_lm":
+        if self.task == CAUSAL_LM:
             supervised = sum(label != IGNORE_INDEX for example in examples for label in example["labels"])
         return DataStats(
             num_examples=len(examples),

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ctrlora.atomic import write_text_atomic
 from ctrlora.backbones import compute_dtype, resolve_source
 from ctrlora.config import ModelConfig
 from ctrlora.evaluation.config import EvalConfig
@@ -88,8 +88,6 @@ def cached_base_row(
         cached = json.loads(path.read_text())
         return cached["row"], cached["versions"]
     row, versions = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + f".{os.getpid()}.partial")
-    partial.write_text(json.dumps({"key": key, "row": row, "versions": versions}, indent=2) + "\n")
-    os.replace(partial, path)
+    record = {"key": key, "row": row, "versions": versions}
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n", per_process=True)  # ranks/runs may race
     return row, versions

@@ -35,6 +35,7 @@ from ctrlora.evaluation.base_row import backbone_key
 from ctrlora.evaluation.config import EvalConfig
 from ctrlora.evaluation.sections import limits, merge_eval_sections
 from ctrlora.evaluation.suite import evaluate_backbone, evaluate_model
+from ctrlora.task_types import SEQUENCE_CLASSIFICATION
 
 log = logging.getLogger(__name__)
 LIMITED_FILE = "eval_limited.json"  # run_dir mode: where a limited evaluation goes
@@ -95,7 +96,7 @@ def evaluate_run_dir(run_dir: Path, cfg: EvaluateConfig) -> dict[str, Any]:
     accelerator = cfg.accelerator or run.trainer.accelerator
     quantized = run.method.quantize_4bit
     tokenizer = load_tokenizer(run.model)
-    if run.model.task == "sequence_classification":
+    if run.model.task == SEQUENCE_CLASSIFICATION:
         suite = run.eval if cfg.eval == EvalConfig() else cfg.eval
         section = evaluate_encoder_run(run, tokenizer, adapter_dir, suite, accelerator)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ctrlora.errors import ConfigError
+from ctrlora.task_types import SEQUENCE_CLASSIFICATION
 
 
 @dataclass
@@ -69,7 +70,7 @@ def objective_metric(val_metric: str, task: str) -> str:
     if val_metric not in choices:
         raise ConfigError(f"eval.val_metric={val_metric!r} is not valid; choose one of {list(choices)}")
     if val_metric == "auto":
-        return "accuracy" if task == "sequence_classification" else "loss"
-    if val_metric in CLASSIFIER_METRICS and task != "sequence_classification":
+        return "accuracy" if task == SEQUENCE_CLASSIFICATION else "loss"
+    if val_metric in CLASSIFIER_METRICS and task != SEQUENCE_CLASSIFICATION:
         raise ConfigError(f"eval.val_metric={val_metric} needs a classifier (model.task=sequence_classification)")
     return val_metric

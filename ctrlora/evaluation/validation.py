@@ -17,6 +17,7 @@ from ctrlora.curvature.objectives import summed_loss
 from ctrlora.data.datamodule import FinetuneDataModule
 from ctrlora.evaluation.classification import classification_metrics
 from ctrlora.evaluation.config import objective_metric
+from ctrlora.task_types import SEQUENCE_CLASSIFICATION
 
 
 def validation_section(model: nn.Module, datamodule: FinetuneDataModule, batch_size: int) -> dict[str, Any] | None:
@@ -26,7 +27,7 @@ def validation_section(model: nn.Module, datamodule: FinetuneDataModule, batch_s
     if loader is None:
         return None
     section: dict[str, Any] = {"examples": len(loader.dataset), "loss": summed_loss(model, loader).per_term}
-    if datamodule.task == "sequence_classification":
+    if datamodule.task == SEQUENCE_CLASSIFICATION:
         metrics = classification_metrics(model, loader, num_classes=len(datamodule.label_names or []))
         section.update({name: value["value"] for name, value in metrics.items()})
     return section

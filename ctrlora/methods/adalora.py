@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from ctrlora.methods.base import MethodBase, register_method, resolve_budget, to_float32_trainables
 from ctrlora.methods.lora_family import peft_task_type
+from ctrlora.peft_layout import ADAPTER
 
 
 class AdaLoraRankUpdate(L.Callback):
@@ -69,7 +70,7 @@ class AdaLoraMethod(MethodBase):
         allocator = self.model.base_model.rankallocator
         return {
             "ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc,
-            "rank_pattern": self.model.peft_config["default"].rank_pattern,
+            "rank_pattern": self.model.peft_config[ADAPTER].rank_pattern,
             "last_step": self.rank_update.last_step,
         }
 
@@ -78,5 +79,5 @@ class AdaLoraMethod(MethodBase):
         allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
             state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
         )
-        self.model.peft_config["default"].rank_pattern = state["rank_pattern"]
+        self.model.peft_config[ADAPTER].rank_pattern = state["rank_pattern"]
         self.rank_update.last_step = state["last_step"]

@@ -22,17 +22,8 @@ from peft import LoraConfig
 from torch import Tensor, nn
 
 from ctrlora.curvature.factors import Factor
-from ctrlora.methods.allocating import ADAPTER
 from ctrlora.methods.lowrank import truncate_in_metric
-
-
-def adapter_rank(layer: nn.Module) -> int:
-    return int(layer.r[ADAPTER])
-
-
-def adapter_parameters(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
-    """``(B, A)`` parameters of a LoRA layer."""
-    return layer.lora_B[ADAPTER].weight, layer.lora_A[ADAPTER].weight
+from ctrlora.peft_layout import ADAPTER, adapter_parameters
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, replace
 from itertools import islice
@@ -26,6 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from torch import nn
 
 from ctrlora.allocation import allocation_params
+from ctrlora.atomic import write_text_atomic
 from ctrlora.config import TrainConfig
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.estimate import estimate_curvature
@@ -34,7 +34,7 @@ from ctrlora.errors import ConfigError
 from ctrlora.methods.base import Budget, resolve_budget, target_linears, to_float32_trainables
 from ctrlora.methods.lora_family import LoraMethod
 from ctrlora.plots import rank_heatmap
-from ctrlora.ranks import is_rank_zero
+from ctrlora.process_ranks import is_rank_zero
 
 SCALINGS = ("constant", "rslora", "standard")
 ALLOCATION_FILE = "allocation.json"
@@ -52,27 +52,6 @@ class BatchRange:
 
     def __len__(self) -> int:
         return self.stop - self.start
-
-
-ADAPTER = "default"
-PEFT_PREFIX = "base_model.model."
-
-
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{base-model module name: PEFT LoRA layer}`` (names as the curvature estimators hook them)."""
-    layers = {}
-    for name, module in model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, nn.ModuleDict) and ADAPTER in lora_a:
-            layers[name.removeprefix(PEFT_PREFIX)] = module
-    return layers
-
-
-@torch.no_grad()
-def set_adapter(layer: nn.Module, B: torch.Tensor, A: torch.Tensor) -> None:
-    """Overwrite a LoRA layer's ``B`` (m×r) and ``A`` (r×n) in place, in the parameters' dtype."""
-    layer.lora_B[ADAPTER].weight.copy_(B)
-    layer.lora_A[ADAPTER].weight.copy_(A)
 
 
 class AllocatingMethod(LoraMethod):
@@ -238,11 +217,7 @@ class AllocatingMethod(LoraMethod):
         """Write `allocation.json` (atomically) and `rank_heatmap.png` into the run dir (rank 0 only)."""
         if not is_rank_zero():
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / ALLOCATION_FILE
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(self.record, indent=2, default=_json_default) + "\n")
-        os.replace(partial, path)
+        write_text_atomic(self.run_dir / ALLOCATION_FILE, json.dumps(self.record, indent=2, default=_json_default) + "\n")
         rank_heatmap(self.ranks, self.run_dir / HEATMAP_FILE, title=f"{self.name}: LoRA rank per module")
 
     def allocation_summary(self) -> dict[str, Any]:

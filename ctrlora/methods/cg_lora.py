@@ -41,15 +41,7 @@ from ctrlora.curvature.directional import directional_model
 from ctrlora.curvature.objectives import summed_loss
 from ctrlora.curvature.result import CurvatureResult
 from ctrlora.errors import ConfigError
-from ctrlora.methods.adapter_resize import adapter_parameters
-from ctrlora.methods.allocating import (
-    ADAPTER,
-    PEFT_PREFIX,
-    AllocatingMethod,
-    BatchRange,
-    lora_layers,
-    set_adapter,
-)
+from ctrlora.methods.allocating import AllocatingMethod, BatchRange
 from ctrlora.methods.base import register_method
 from ctrlora.methods.lowrank import (
     EXACT_SVD_MAX_DIM,
@@ -58,6 +50,7 @@ from ctrlora.methods.lowrank import (
     curvature_step_factors,
     whitened_spectra,
 )
+from ctrlora.peft_layout import ADAPTER, PEFT_PREFIX, adapter_parameters, lora_layers, set_adapter
 
 log = logging.getLogger(__name__)
 

@@ -51,13 +51,12 @@ from ctrlora.curvature.result import CurvatureResult
 from ctrlora.curvature.runtime import input_device, world_size
 from ctrlora.errors import ConfigError
 from ctrlora.methods.adapter_resize import (
-    adapter_parameters,
     grown_factors,
     replace_adapter,
     reset_moments,
     shrunk_factors,
 )
-from ctrlora.methods.allocating import ADAPTER, PEFT_PREFIX, AllocatingMethod, lora_layers, set_adapter
+from ctrlora.methods.allocating import AllocatingMethod
 from ctrlora.methods.base import register_method
 from ctrlora.methods.ctr_refresh import (
     REFRESHED_CURVATURE,
@@ -75,7 +74,8 @@ from ctrlora.methods.lowrank import (
     whitened_spectra,
 )
 from ctrlora.methods.settings import CtrSettings
-from ctrlora.ranks import is_rank_zero
+from ctrlora.peft_layout import ADAPTER, PEFT_PREFIX, adapter_parameters, lora_layers, set_adapter
+from ctrlora.process_ranks import is_rank_zero
 from ctrlora.trust_region import LambdaSchedule, ModuleMetric, TrustRegionPenalty
 
 
@@ -270,7 +270,7 @@ class CtrLoraMethod(AllocatingMethod):
         return torch.cat([B, -anchor_b / layer.scaling[ADAPTER]], dim=1), torch.cat([A, anchor_a], dim=0)
 
     def extra_loss(self, model: PeftModel, step: int) -> Tensor | None:
-        """``λ(step) · Σ_l ‖s_l ΔW_l‖²_{M_l}`` (None without a trust region)."""
+        """``λ(step) · ½ Σ_l ‖s_l ΔW_l‖²_{M_l}`` (None without a trust region)."""
         self.last_lambda = self.schedule(step)
         if self.penalty is None:
             return None

@@ -22,7 +22,6 @@ refer to the file, so frequent checkpoints of a large model stay small.
 
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ctrlora.atomic import staged
 from ctrlora.curvature.activation import input_factors
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.factors import stored_factor
@@ -52,10 +52,8 @@ def save_refreshed_curvature(curvature: CurvatureResult, path: Path, keep: int =
     """Write refreshed factors once per refresh; checkpoints refer to the file, so they stay small
     however often they are written. The `keep` newest files of the folder are kept, so a checkpoint
     written before the latest refresh still finds the factors it used."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(curvature.state_dict(), partial)
-    os.replace(partial, path)
+    with staged(path) as partial:
+        torch.save(curvature.state_dict(), partial)
     for stale in sorted(path.parent.glob("refresh-*.pt"))[:-keep]:
         stale.unlink()
 

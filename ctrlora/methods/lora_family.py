@@ -17,12 +17,14 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from ctrlora.methods.base import MethodBase, register_method, resolve_budget, to_float32_trainables
+from ctrlora.peft_layout import ADAPTER
+from ctrlora.task_types import SEQUENCE_CLASSIFICATION
 
 CONVERTIBLE_INITS = ("pissa", "olora")  # inits that move the base weights; export converts back
 
 
 def peft_task_type(task: str) -> TaskType:
-    return TaskType.SEQ_CLS if task == "sequence_classification" else TaskType.CAUSAL_LM
+    return TaskType.SEQ_CLS if task == SEQUENCE_CLASSIFICATION else TaskType.CAUSAL_LM
 
 
 @register_method("lora", "qlora", "dora", "pissa", "loraplus")
@@ -68,7 +70,7 @@ class LoraMethod(MethodBase):
 
     def _save_initial_adapter(self, peft_model: PeftModel) -> None:
         """PEFT's conversion recipe: save the initial adapter with `init_lora_weights=True`."""
-        config = peft_model.peft_config["default"]
+        config = peft_model.peft_config[ADAPTER]
         init = config.init_lora_weights
         config.init_lora_weights = True
         peft_model.save_pretrained(self.initial_adapter_dir)

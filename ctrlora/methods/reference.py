@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from ctrlora.errors import ConfigError
 from ctrlora.methods.base import MethodBase, parameter_count, register_method, trainable_parameter_count
+from ctrlora.task_types import SEQUENCE_CLASSIFICATION
 
 
 @register_method("head_only", "full_ft")
@@ -25,7 +26,7 @@ class ReferenceMethod(MethodBase):
     """``head_only``: only ``model.modules_to_save`` (the classifier) trains; ``full_ft``: everything."""
 
     def prepare(self, model: PreTrainedModel, calibration: DataLoader | None) -> nn.Module:
-        if self.cfg.model.task != "sequence_classification":
+        if self.cfg.model.task != SEQUENCE_CLASSIFICATION:
             raise ConfigError(
                 f"method={self.name} is a reference row for sequence classifiers; model={self.cfg.model.name} "
                 f"has task {self.cfg.model.task!r} (use an encoder such as model=minilm-l6)"

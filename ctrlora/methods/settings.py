@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ctrlora.errors import ConfigError
+from ctrlora.errors import ConfigError, check_choice
 
 LAMBDA_SCHEDULES = ("cosine", "linear", "constant")
 ALLOCATIONS = ("greedy", "uniform")
@@ -19,12 +19,6 @@ CTR_INITS = ("lora", "curvature")
 REFRESH_SOURCES = ("calibration", "training")
 COMPOSITIONS = ("none", "loraplus", "dora", "pissa")
 TRUST_REGION_METRICS = ("fisher", "normalized")
-
-
-def check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
-    """Raise `ConfigError` naming ``method.<key>``, the value and the valid choices."""
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value!r} is not valid; choose one of {list(choices)}")
 
 
 def check_range(key: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -79,8 +73,8 @@ class CgSettings:
         check_range("cg.eta_scale", self.eta_scale, 0.0, float("inf"), low_open=True)
         if self.eta_holdout_batches < 1:
             raise ConfigError(f"method.cg.eta_holdout_batches={self.eta_holdout_batches} must be >= 1")
-        check_choice("cg.allocate", self.allocate, ("uniform", "greedy"))
-        check_choice("cg.score", self.score, GREEDY_SCORES)
+        check_choice("method.cg.allocate", self.allocate, ("uniform", "greedy"))
+        check_choice("method.cg.score", self.score, GREEDY_SCORES)
         check_rank_bounds("cg", self.r_min, self.r_max)
 
 
@@ -109,13 +103,13 @@ class CtrSettings:
     compose: str = "none"  # none | loraplus | dora | pissa
 
     def validate(self) -> None:
-        check_choice("ctr.allocation", self.allocation, ALLOCATIONS)
-        check_choice("ctr.score", self.score, GREEDY_SCORES)
-        check_choice("ctr.init", self.init, CTR_INITS)
-        check_choice("ctr.lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES)
-        check_choice("ctr.refresh_source", self.refresh_source, REFRESH_SOURCES)
-        check_choice("ctr.compose", self.compose, COMPOSITIONS)
-        check_choice("ctr.metric", self.metric, TRUST_REGION_METRICS)
+        check_choice("method.ctr.allocation", self.allocation, ALLOCATIONS)
+        check_choice("method.ctr.score", self.score, GREEDY_SCORES)
+        check_choice("method.ctr.init", self.init, CTR_INITS)
+        check_choice("method.ctr.lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES)
+        check_choice("method.ctr.refresh_source", self.refresh_source, REFRESH_SOURCES)
+        check_choice("method.ctr.compose", self.compose, COMPOSITIONS)
+        check_choice("method.ctr.metric", self.metric, TRUST_REGION_METRICS)
         check_rank_bounds("ctr", self.r_min, self.r_max)
         check_range("ctr.lambda0", self.lambda0, 0.0, float("inf"))
         check_range("ctr.hysteresis", self.hysteresis, 0.0, float("inf"))

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ctrlora.peft_layout import lora_layers
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
 from ctrlora import report
-from ctrlora.methods.allocating import lora_layers
 from ctrlora.methods.base import build_method
 from ctrlora.methods.cg_lora import mean_token_loss
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from ctrlora.peft_layout import lora_layers
 
 from ctrlora.allocation import allocate_ranks, allocation_params
 from ctrlora.curvature.factors import DenseFactor
 from ctrlora.curvature.spectra import randomized_svd
 from ctrlora.errors import ConfigError
 from ctrlora.methods.adapter_resize import grown_factors, replace_adapter, shrunk_factors
-from ctrlora.methods.allocating import lora_layers
 from ctrlora.methods.base import build_method
 
 from .curvature_method_helpers import (

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from ctrlora.peft_layout import lora_weights
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -14,7 +15,6 @@ from ctrlora.trust_region import (
     ModuleMetric,
     TrustRegionPenalty,
     kronecker_penalty,
-    peft_lora_weights,
 )
 
 
@@ -126,7 +126,7 @@ def test_peft_layout_maps_to_the_delta_weight():
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param)
-    weights = peft_lora_weights(model)
+    weights = lora_weights(model)
     assert sorted(weights) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
     generator = torch.Generator().manual_seed(7)
     metrics, expected = {}, 0.0
