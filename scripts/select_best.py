@@ -2,7 +2,7 @@
 
     python train.py -m hydra/sweeper=optuna method=ctrlora experiment=nlu_minilm hydra.sweep.dir=tune/ctrlora
     python scripts/select_best.py tune/ctrlora                    # -> tune/ctrlora/selected/*.yaml + commands
-    python scripts/select_best.py tune/ --seeds 0,1,2,3,4 --out runs/seeds
+    python scripts/select_best.py tune/ --seeds 1,2,3,4,5 --out runs/seeds
 
 (docs/EVALUATION.md §4.1 calls it `scripts/select.py`; a file of that name in scripts/ would stand in for the
 standard library's `select`, which `subprocess` imports, in every script run from this folder.)
@@ -26,7 +26,7 @@ from ctrlora.evaluation.selection import best_trials, seed_run_command, seed_run
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="a tuning sweep's dir (searched for results.json)")
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the runs at the selected settings")
+    parser.add_argument("--seeds", default="1,2,3,4,5", help="seeds of the runs at the selected settings (not the tuning seed 0)")
     parser.add_argument("--out", default=None, help="hydra.sweep.dir of the seed runs (default: SWEEP_DIR/seeds)")
     args = parser.parse_args(argv)
     best = best_trials(args.sweep_dir)

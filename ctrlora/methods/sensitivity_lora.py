@@ -1,8 +1,8 @@
 """Sensitivity-LoRA (arXiv 2509.09119, docs/METHODS.md §4): one-shot proportional rank allocation.
 
 The Hessian proxy of a target ``W ∈ R^{m×n}`` is ``2 S_a`` shared by its m rows, with
-``S_a = (1/T) Σ_t x_t x_tᵀ`` from a forward-only pass over the calibration set (the estimator
-kind is forced to ``activation``). Its diagonal gives the global trace, the Top-k and
+``S_a = (1/P) Σ_p x_p x_pᵀ`` over the P non-padding positions of a forward-only pass over the
+calibration set (the estimator kind is forced to ``activation``). Its diagonal gives the global trace, the Top-k and
 effective-rank metrics, their ``σ/μ²`` weights and ``θ_l`` (`sensitivity_metrics`); ranks
 ``r_l ∝ θ_l`` with ``Σ r_l = r̄ |T|`` exactly. Adapters start as in LoRA (A random, B = 0).
 """
