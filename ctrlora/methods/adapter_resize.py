@@ -22,7 +22,7 @@ from peft import LoraConfig
 from torch import Tensor, nn
 
 from ctrlora.curvature.factors import Factor
-from ctrlora.methods.lowrank import truncate_in_metric
+from ctrlora.curvature.lowrank import truncate_in_metric
 from ctrlora.peft_layout import ADAPTER, adapter_parameters
 
 

@@ -38,18 +38,18 @@ from transformers import PreTrainedModel
 from ctrlora.allocation import allocate_ranks
 from ctrlora.config import TrainConfig
 from ctrlora.curvature.directional import directional_model
-from ctrlora.curvature.objectives import summed_loss
-from ctrlora.curvature.result import CurvatureResult
-from ctrlora.errors import ConfigError
-from ctrlora.methods.allocating import AllocatingMethod, BatchRange
-from ctrlora.methods.base import register_method
-from ctrlora.methods.lowrank import (
+from ctrlora.curvature.lowrank import (
     EXACT_SVD_MAX_DIM,
     DampedPairs,
     WhitenedSpectrum,
     curvature_step_factors,
     whitened_spectra,
 )
+from ctrlora.curvature.objectives import summed_loss
+from ctrlora.curvature.result import CurvatureResult
+from ctrlora.errors import ConfigError
+from ctrlora.methods.allocating import AllocatingMethod, BatchRange
+from ctrlora.methods.base import register_method
 from ctrlora.peft_layout import ADAPTER, PEFT_PREFIX, adapter_parameters, lora_layers, set_adapter
 
 log = logging.getLogger(__name__)

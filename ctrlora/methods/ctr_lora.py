@@ -46,7 +46,16 @@ from transformers import PreTrainedModel
 
 from ctrlora.allocation import allocate_ranks, reallocate, total_utility
 from ctrlora.config import TrainConfig
+from ctrlora.curvature.lowrank import (
+    EXACT_SVD_MAX_DIM,
+    DampedPairs,
+    WhitenedSpectrum,
+    curvature_step_factors,
+    damped_factors,
+    whitened_spectra,
+)
 from ctrlora.curvature.objectives import tokens_per_loss_term
+from ctrlora.curvature.online import TrainingStatistics
 from ctrlora.curvature.result import CurvatureResult
 from ctrlora.curvature.runtime import input_device, world_size
 from ctrlora.errors import ConfigError
@@ -61,17 +70,8 @@ from ctrlora.methods.base import register_method
 from ctrlora.methods.ctr_refresh import (
     REFRESHED_CURVATURE,
     CurvatureRefresh,
-    TrainingStatistics,
     load_refreshed_curvature,
     save_refreshed_curvature,
-)
-from ctrlora.methods.lowrank import (
-    EXACT_SVD_MAX_DIM,
-    DampedPairs,
-    WhitenedSpectrum,
-    curvature_step_factors,
-    damped_factors,
-    whitened_spectra,
 )
 from ctrlora.methods.settings import CtrSettings
 from ctrlora.peft_layout import ADAPTER, PEFT_PREFIX, adapter_parameters, lora_layers, set_adapter

@@ -8,9 +8,9 @@ import torch
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.estimate import estimate_curvature
 from ctrlora.curvature.factors import DenseFactor
+from ctrlora.curvature.lowrank import DampedPairs
 from ctrlora.curvature.result import ModuleCurvature
 from ctrlora.curvature.spectra import whitened_gradient_svd
-from ctrlora.methods.lowrank import DampedPairs
 
 from .helpers import assert_close, collate, lm_batches, sequences, targets_of, tiny_llama
 

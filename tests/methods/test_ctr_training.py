@@ -16,9 +16,9 @@ from test_run import StopAtStep
 
 from ctrlora import report
 from ctrlora.curvature.estimate import estimate_curvature
+from ctrlora.curvature.lowrank import damped_factors
 from ctrlora.methods.cg_lora import mean_token_loss
 from ctrlora.methods.ctr_refresh import REFRESHED_CURVATURE, load_refreshed_curvature
-from ctrlora.methods.lowrank import damped_factors
 from ctrlora.run import assemble, train
 from ctrlora.trust_region import LambdaSchedule
 
