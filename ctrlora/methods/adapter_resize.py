@@ -16,6 +16,7 @@ is updated so the saved adapter loads in plain PEFT with the new shapes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from peft import LoraConfig
@@ -70,3 +71,21 @@ def reset_moments(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) 
     """Forget the optimizer state of `params` (AdamW re-initialises it lazily at the next step)."""
     for param in params:
         optimizer.state.pop(param, None)
+
+
+def resize_adapters(
+    layers: Mapping[str, nn.Module],
+    changes: Mapping[str, Sequence[int]],
+    config: LoraConfig,
+    alpha_for: Callable[[int], float],
+    metric_of: Callable[[str], tuple[Factor, Factor]],
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """Apply ``{name: [old rank, new rank]}``: grow, or shrink in the metric ``metric_of(name)`` = (S_a,
+    S_g) damped; the moments of a resized module are dropped."""
+    for name, (old, rank) in changes.items():
+        layer, alpha = layers[name], alpha_for(rank)
+        B, A = grown_factors(layer, rank, alpha) if rank > old else shrunk_factors(layer, rank, alpha, *metric_of(name))
+        replace_adapter(layer, name, config, B, A, alpha)
+        if optimizer is not None:
+            reset_moments(optimizer, list(adapter_parameters(layer)))

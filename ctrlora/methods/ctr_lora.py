@@ -9,7 +9,7 @@
 2. Trust region: ``L_task + λ(t) · ½ Σ_l ‖s_l (B_l A_l − B⁰_l A⁰_l)‖²_{M_l}`` with the damped
    raw Kronecker metric ``M_l = (T/N) S_g ⊗ S_a`` (``ctr.metric: fisher``: the K-FAC model of the
    training loss, so λ is dimensionless) or its unit-mean form (``normalized``), from r×r Gram
-   matrices (`trust_region`), λ annealed from ``ctr.lambda0``. The anchor ``B⁰A⁰`` is 0 except
+   matrices (`ctr_trust`, `trust_region`), λ annealed from ``ctr.lambda0``. The anchor ``B⁰A⁰`` is 0 except
    for inits that move the base weights (``ctr.compose: pissa``), where the displacement from the
    pretrained weight is ``s(BA − B⁰A⁰)``.
 3. Refresh (`ctr_refresh`): every ``ctr.refresh_every`` steps the factors are re-estimated at the
@@ -31,7 +31,6 @@ through the root PEFT model. Re-allocation needs one process.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -59,24 +58,20 @@ from ctrlora.curvature.online import TrainingStatistics
 from ctrlora.curvature.result import CurvatureResult
 from ctrlora.curvature.runtime import input_device, world_size
 from ctrlora.errors import ConfigError
-from ctrlora.methods.adapter_resize import (
-    grown_factors,
-    replace_adapter,
-    reset_moments,
-    shrunk_factors,
-)
+from ctrlora.methods.adapter_resize import replace_adapter, resize_adapters
 from ctrlora.methods.allocating import AllocatingMethod
 from ctrlora.methods.base import register_method
 from ctrlora.methods.ctr_refresh import (
     REFRESHED_CURVATURE,
     CurvatureRefresh,
+    RefreshSchedule,
     load_refreshed_curvature,
     save_refreshed_curvature,
 )
+from ctrlora.methods.ctr_trust import TrustRegion
 from ctrlora.methods.settings import CtrSettings
 from ctrlora.peft_layout import ADAPTER, PEFT_PREFIX, adapter_parameters, lora_layers, set_adapter
 from ctrlora.process_ranks import is_rank_zero
-from ctrlora.trust_region import LambdaSchedule, ModuleMetric, TrustRegionPenalty
 
 
 def composed_config(cfg: TrainConfig) -> TrainConfig:
@@ -118,15 +113,15 @@ class CtrLoraMethod(AllocatingMethod):
             )
         if self.needs_curvature and self.cfg.curvature.kind == "activation":
             raise ConfigError("method=ctrlora needs gradients: use curvature=kfac or curvature=hutchinson")
-        lambda0 = settings.lambda0 if settings.trust_region else 0.0
-        self.schedule = LambdaSchedule(settings.lambda_schedule, lambda0, total_steps)
-        self.penalty: TrustRegionPenalty | None = None
+        cfg = self.curvature_settings()
+        self.schedule = RefreshSchedule(
+            active=(settings.trust_region or settings.reallocate) and settings.refresh_every < total_steps,
+            every=settings.refresh_every, window=settings.refresh_batches, total_steps=total_steps,
+        )
+        self.trust = TrustRegion(settings, total_steps, damping=cfg.damping, pi_split=cfg.pi_damping)
         self.layers: dict[str, nn.Module] = {}
-        self.anchors: dict[str, tuple[Tensor, Tensor]] = {}
         self.spectra: dict[str, WhitenedSpectrum] = {}
         self.training_statistics: TrainingStatistics | None = None
-        self.last_lambda, self.last_penalty = 0.0, None
-        self.loss_scale = 1.0  # T/N of the calibration set: the fisher metric in training-loss units
         self.last_refresh_step = 0
         self.refreshes: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
@@ -151,8 +146,7 @@ class CtrLoraMethod(AllocatingMethod):
 
     @property
     def refreshes_during_training(self) -> bool:
-        s = self.settings
-        return (s.trust_region or s.reallocate) and s.refresh_every < self.total_steps
+        return self.schedule.active
 
     # --- step 0: curvature, allocation, adapters -------------------------------------------------
 
@@ -184,10 +178,10 @@ class CtrLoraMethod(AllocatingMethod):
         self.ranks = self.allocate()
         self.calibration = calibration
         if curvature is not None:
-            self.loss_scale = tokens_per_loss_term(calibration, input_device(model))
+            self.trust.loss_scale = tokens_per_loss_term(calibration, input_device(model))
         self.peft_model = self.wrap(model, self.allocated_config(self.ranks), lambda m: self.initialise(m, curvature))
         self.layers = lora_layers(self.peft_model)
-        self.build_penalty(curvature)
+        self.trust.build(curvature, self.layers)
         if settings.refresh_source == "training" and self.refreshes_during_training:
             self.training_statistics = TrainingStatistics(  # K-FAC statistics whatever curvature.kind
                 self.peft_model.get_base_model(), list(self.layers), self.curvature_settings("kfac"), settings.reallocate
@@ -229,75 +223,20 @@ class CtrLoraMethod(AllocatingMethod):
                     self.spectra[name], a, g, self.ranks[name], self.settings.init_scale, scaling
                 ))
             if self.converts_on_export:
-                B, A = adapter_parameters(layer)
-                self.anchors[name] = (layer.scaling[ADAPTER] * B.detach().clone(), A.detach().clone())
+                self.trust.anchor(name, layer)
 
-    # --- the trust region -----------------------------------------------------------------------
-
-    def build_penalty(self, curvature: CurvatureResult | None) -> None:
-        """The metric of the adapted modules from `curvature` (each shared ``a`` once) on the adapters'
-        devices. Only these are kept in training, not the raw factors (a refresh's raw factors are in
-        its file, for resuming): the metric is the one copy.
-
-        ``ctr.metric: fisher``: the damped raw factors with S_g times ``T/N`` (`loss_scale`), so
-        ``½‖ΔW‖²_M`` is the K-FAC model of the training loss itself; ``normalized``: each factor at
-        unit mean eigenvalue (the ablation whose scale depends on nothing but the shapes).
-        """
-        if not self.settings.trust_region or curvature is None:
-            self.penalty = None
-            return
-        cfg = self.curvature_settings()
-        pairs = DampedPairs(cfg.damping, cfg.pi_damping)  # a shared ``a`` is damped once
-        fisher = self.settings.metric == "fisher"
-        shared: dict[int, Any] = {}
-        metrics = {}
-        for name, layer in self.layers.items():
-            raw = curvature[name]
-            a, g = pairs(raw)
-            device = adapter_parameters(layer)[0].device
-            if id(raw.a) not in shared:
-                shared[id(raw.a)] = (a if fisher else a.normalized()).to(device)
-            s_g = g.scaled(self.loss_scale) if fisher else g.normalized()
-            metrics[name] = ModuleMetric(s_g=s_g.to(device), s_a=shared[id(raw.a)], scaling=layer.scaling[ADAPTER])
-        self.penalty = TrustRegionPenalty(metrics)
-
-    def displacement(self, name: str, layer: nn.Module) -> tuple[Tensor, Tensor]:
-        """``(B, A)`` whose ``s·BA`` is the update from the pretrained weight (concatenated with the anchor)."""
-        B, A = adapter_parameters(layer)
-        if name not in self.anchors:
-            return B, A
-        anchor_b, anchor_a = self.anchors[name]
-        return torch.cat([B, -anchor_b / layer.scaling[ADAPTER]], dim=1), torch.cat([A, anchor_a], dim=0)
+    # --- the trust region (ctr_trust) -----------------------------------------------------------
 
     def extra_loss(self, model: PeftModel, step: int) -> Tensor | None:
-        """``λ(step) · ½ Σ_l ‖s_l ΔW_l‖²_{M_l}`` (None without a trust region)."""
-        self.last_lambda = self.schedule(step)
-        if self.penalty is None:
-            return None
-        penalty = self.penalty({name: self.displacement(name, layer) for name, layer in self.layers.items()})
-        self.last_penalty = penalty.detach()  # a tensor: logging it needs no host sync each step
-        return self.last_lambda * penalty
+        return self.trust.loss(self.layers, step)
 
     def step_metrics(self) -> dict[str, float | Tensor]:
-        metrics: dict[str, float | Tensor] = {"lambda": self.last_lambda}
-        if self.last_penalty is not None:
-            metrics["penalty"] = self.last_penalty
-        return metrics
+        return self.trust.step_metrics()
 
     # --- refresh and re-allocation --------------------------------------------------------------
 
     def callbacks(self) -> list[L.Callback]:
         return [CurvatureRefresh(self)] if self.refreshes_during_training else []
-
-    def is_refresh_step(self, step: int) -> bool:
-        every = self.settings.refresh_every
-        return self.refreshes_during_training and 0 < step < self.total_steps and step % every == 0
-
-    def collects_for(self, step: int) -> bool:
-        """Whether optimizer step `step` (1-based) lies in the training-statistics window of a refresh."""
-        every = self.settings.refresh_every
-        upcoming = math.ceil(step / every) * every
-        return upcoming < self.total_steps and upcoming - step < self.settings.refresh_batches
 
     def refresh(self, trainer: L.Trainer) -> None:
         """Re-estimate the factors at the current weights; re-allocate before the freeze point."""
@@ -310,7 +249,7 @@ class CtrLoraMethod(AllocatingMethod):
             result = self.estimate_at_current_weights(want_grad=moving)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         changes = self.reallocate_ranks(result, optimizer, step) if moving else {}
-        self.build_penalty(result)
+        self.trust.build(result, self.layers)
         self.refreshes.append({
             "step": step, "source": settings.refresh_source, "seconds": time.perf_counter() - start,
             "tokens": result.report.tokens, "changes": changes,
@@ -353,17 +292,11 @@ class CtrLoraMethod(AllocatingMethod):
             settings.hysteresis, settings.score,
         )
         changes = {name: [current[name], rank] for name, rank in target.items() if rank != current[name]}
-        config = self.peft_model.peft_config[ADAPTER]
-        for name, (old, rank) in changes.items():
-            layer, alpha = self.layers[name], self.alpha_for(rank)
-            if rank > old:
-                B, A = grown_factors(layer, rank, alpha)
-            else:
-                B, A = shrunk_factors(layer, rank, alpha, *damped_factors(curvature[name], cfg.damping, cfg.pi_damping))
-            replace_adapter(layer, name, config, B, A, alpha)
-            if optimizer is not None:
-                reset_moments(optimizer, list(adapter_parameters(layer)))
-            self.ranks[name] = rank
+        resize_adapters(
+            self.layers, changes, self.peft_model.peft_config[ADAPTER], self.alpha_for,
+            lambda name: damped_factors(curvature[name], cfg.damping, cfg.pi_damping), optimizer,
+        )
+        self.ranks.update({name: rank for name, (_, rank) in changes.items()})
         if changes:
             self.history.append({
                 "step": step, "changes": changes,
@@ -419,7 +352,7 @@ class CtrLoraMethod(AllocatingMethod):
                             self.alpha_for(rank))
             self.ranks[name] = rank
         if state["curvature_file"] is not None and self.settings.trust_region:  # the metric of the last refresh
-            self.build_penalty(load_refreshed_curvature(self.run_dir / state["curvature_file"]))
+            self.trust.build(load_refreshed_curvature(self.run_dir / state["curvature_file"]), self.layers)
         self.refreshes, self.history = list(state["refreshes"]), list(state["history"])
         self.last_refresh_step = state["last_refresh_step"]
         resumed = [{**report, "label": f"{report['label']} (resume)"} for report in self.curvature_reports]

@@ -16,6 +16,8 @@ refer to the file, so frequent checkpoints of a large model stay small.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,16 +30,31 @@ from ctrlora.curvature.online import TrainingStatistics
 from ctrlora.curvature.result import CurvatureResult
 
 
-class Refreshing(Protocol):
-    """What `CurvatureRefresh` drives: a method with a refresh schedule (CTR-LoRA)."""
+@dataclass(frozen=True)
+class RefreshSchedule:
+    """Refresh after every ``every``-th optimizer step below ``total_steps`` (when ``active``); with
+    training statistics, record the ``window`` optimizer steps before each refresh."""
 
-    training_statistics: TrainingStatistics | None
-    last_refresh_step: int
+    active: bool
+    every: int
+    window: int
+    total_steps: int
+
+    def is_refresh_step(self, step: int) -> bool:
+        return self.active and 0 < step < self.total_steps and step % self.every == 0
 
     def collects_for(self, step: int) -> bool:
-        """Whether optimizer step `step` (1-based) lies in a training-statistics window."""
+        """Whether optimizer step `step` (1-based) lies in the training-statistics window of a refresh."""
+        upcoming = math.ceil(step / self.every) * self.every
+        return upcoming < self.total_steps and upcoming - step < self.window
 
-    def is_refresh_step(self, step: int) -> bool: ...
+
+class Refreshing(Protocol):
+    """What `CurvatureRefresh` drives: a method that refreshes its curvature on a `RefreshSchedule`."""
+
+    schedule: RefreshSchedule
+    training_statistics: TrainingStatistics | None
+    last_refresh_step: int
 
     def refresh(self, trainer: L.Trainer) -> None: ...
 
@@ -80,7 +97,7 @@ class CurvatureRefresh(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *_: Any) -> None:
         statistics = self.method.training_statistics
-        if statistics is not None and self.method.collects_for(trainer.global_step + 1):
+        if statistics is not None and self.method.schedule.collects_for(trainer.global_step + 1):
             statistics.start_forward(batch, loss_items(batch, trainer) * trainer.accumulate_grad_batches)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -95,5 +112,5 @@ class CurvatureRefresh(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         step = trainer.global_step
-        if self.method.is_refresh_step(step) and step > self.method.last_refresh_step:
+        if self.method.schedule.is_refresh_step(step) and step > self.method.last_refresh_step:
             self.method.refresh(trainer)

@@ -265,7 +265,7 @@ def test_the_fisher_penalty_is_in_loss_units_whatever_the_batching_and_token_cou
                 param.data = param.data.double()
         perturb_adapters(peft_model)
         values.append(float(method.extra_loss(peft_model, step=0)))
-        assert method.loss_scale == 1.0  # a causal LM trains on the mean token loss itself
+        assert method.trust.loss_scale == 1.0  # a causal LM trains on the mean token loss itself
     assert values[1] == pytest.approx(values[0], rel=1e-10)
     assert values[2] == pytest.approx(values[0], rel=1e-10)
 

@@ -35,7 +35,7 @@ REFRESH = ["method.ctr.refresh_every=5"]
 
 def metric_factors(method) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The penalty's (S_a, S_g) per module, dense copies."""
-    return {name: (m.s_a.dense().clone(), m.s_g.dense().clone()) for name, m in method.penalty.metrics.items()}
+    return {name: (m.s_a.dense().clone(), m.s_g.dense().clone()) for name, m in method.trust.penalty.metrics.items()}
 
 
 def expected_metric(raw, cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ def test_refreshes_happen_at_the_refresh_steps_with_fresh_estimates_and_lambda_f
     before = mean_token_loss(run.model, [batch])
     run.trainer.fit(run.module, datamodule=run.datamodule)
 
-    assert run.method.loss_scale == 1.0
+    assert run.method.trust.loss_scale == 1.0
     assert [refresh["step"] for refresh in run.method.refreshes] == [5, 10, 15]
     for name, (a, g) in probe.used.items():
         fresh_a, fresh_g = expected_metric(probe.fresh[name], cfg)
