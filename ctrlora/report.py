@@ -156,7 +156,9 @@ def build_results(
     train = {"steps": trainer.global_step, **stats.summary(), "loss_curve": "loss_curve.png"}
     curvature = getattr(method, "curvature_summary", None)
     if curvature is not None:
-        train["curvature"] = curvature()
+        summary = curvature()
+        spent = summary.get("calibration_s", 0.0) + summary.get("refresh_s", 0.0)
+        train["curvature"] = {**summary, "overhead_frac": round(spent / wall_s, 4) if wall_s > 0 else None}
     results: dict[str, Any] = {
         "run": {
             "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,

@@ -15,6 +15,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from ctrlora import report
+from ctrlora.errors import ConfigError
+from ctrlora.methods.base import build_method
 from ctrlora.run import RunParts, assemble
 
 
@@ -114,3 +116,11 @@ def test_pissa_export_applies_to_the_original_base(tmp_path: Path) -> None:
         reproduced = exported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(reproduced, trained, atol=1e-4)
     assert not math.isclose(float(trained.abs().sum()), 0.0)
+
+
+def test_adalora_refuses_the_lora_switches_it_cannot_apply(tmp_path: Path) -> None:
+    for switch in ("method.rslora=true", "method.use_dora=true", "method.init=gaussian", "method.loraplus_ratio=16"):
+        cfg = OmegaConf.to_object(compose_config([f"run_dir={tmp_path}", "method=adalora", switch]))
+        with pytest.raises(ConfigError, match=f"method=adalora does not take {switch.split('=')[0]}="):
+            build_method(cfg, total_steps=10, run_dir=tmp_path)
+    build_method(OmegaConf.to_object(compose_config([f"run_dir={tmp_path}", "method=adalora"])), total_steps=10, run_dir=tmp_path)

@@ -8,6 +8,7 @@ before the gradients are zeroed (Lightning zeroes them at the start of the next 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,8 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
+from ctrlora.config import TrainConfig
+from ctrlora.errors import ConfigError
 from ctrlora.methods.base import MethodBase, register_method, resolve_budget, to_float32_trainables
 from ctrlora.methods.lora_family import peft_task_type
 from ctrlora.peft_layout import ADAPTER
@@ -33,8 +36,21 @@ class AdaLoraRankUpdate(L.Callback):
             self.last_step = step
 
 
+LORA_SWITCHES = {"rslora": False, "use_dora": False, "init": "default", "loraplus_ratio": None}  # unset values
+
+
 @register_method("adalora")
 class AdaLoraMethod(MethodBase):
+    def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
+        super().__init__(cfg, total_steps=total_steps, run_dir=run_dir)
+        set_switches = [f"method.{key}={getattr(cfg.method, key)!r}" for key, unset in LORA_SWITCHES.items()
+                        if getattr(cfg.method, key) != unset]
+        if set_switches:
+            raise ConfigError(
+                f"method=adalora does not take {', '.join(set_switches)}: AdaLoRA has its own SVD"
+                " parametrisation (PEFT's AdaLoraConfig); remove them, or use a LoRA-family method"
+            )
+
     def adalora_config(self, rank: int) -> AdaLoraConfig:
         """`target_r = r̄`, `init_r = ⌈1.5 r̄⌉`, schedule as fractions of the total steps."""
         settings, total = self.cfg.method.adalora, self.total_steps

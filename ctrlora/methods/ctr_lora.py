@@ -101,11 +101,6 @@ class CtrLoraMethod(AllocatingMethod):
         cfg.method.ctr.validate()
         super().__init__(composed_config(cfg), total_steps=total_steps, run_dir=run_dir)
         settings = self.settings
-        if settings.refresh_source == "training" and settings.refresh_batches > settings.refresh_every:
-            raise ConfigError(
-                f"method.ctr.refresh_batches={settings.refresh_batches} must be <= method.ctr.refresh_every="
-                f"{settings.refresh_every} (the window of training steps before each refresh)"
-            )
         if settings.init == "curvature" and (str(self.cfg.method.init) != "default" or self.cfg.method.use_dora):
             raise ConfigError(
                 "method.ctr.init=curvature sets the adapters after PEFT's init: it cannot be combined with"

@@ -122,5 +122,10 @@ class CtrSettings:
             raise ConfigError(
                 f"method.ctr.oversampling={self.oversampling} and power_iters={self.power_iters} must be >= 0"
             )
+        if self.refresh_source == "training" and self.refresh_batches > self.refresh_every:
+            raise ConfigError(
+                f"method.ctr.refresh_batches={self.refresh_batches} must be <= method.ctr.refresh_every="
+                f"{self.refresh_every} (the window of training steps before each refresh)"
+            )
         if self.compose == "pissa" and self.init == "curvature":
             raise ConfigError("method.ctr.compose=pissa and method.ctr.init=curvature both set the initial adapter; pick one")

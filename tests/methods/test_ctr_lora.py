@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from ctrlora.peft_layout import lora_layers
 
 from ctrlora.allocation import allocate_ranks, allocation_params
 from ctrlora.curvature.factors import DenseFactor
@@ -15,6 +14,7 @@ from ctrlora.curvature.spectra import randomized_svd
 from ctrlora.errors import ConfigError
 from ctrlora.methods.adapter_resize import grown_factors, replace_adapter, shrunk_factors
 from ctrlora.methods.base import build_method
+from ctrlora.peft_layout import lora_layers
 
 from .curvature_method_helpers import (
     dense_curvature,

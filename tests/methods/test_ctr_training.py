@@ -191,6 +191,10 @@ def test_run_resumed_after_a_refresh_and_a_reallocation_ends_with_the_same_adapt
     assert resumed["allocation"]["ranks"] == results["allocation"]["ranks"]
     assert [r["step"] for r in resumed["train"]["curvature"]["refreshes"]] == [5, 10, 15]
     assert results["train"]["curvature"]["refresh_s"] > 0 and results["train"]["curvature"]["calibration_s"] > 0
+    curvature = results["train"]["curvature"]  # the share of the run's wall time spent on curvature
+    spent = curvature["calibration_s"] + curvature["refresh_s"]
+    assert 0 < curvature["overhead_frac"] < 1
+    assert curvature["overhead_frac"] == pytest.approx(spent / results["run"]["wall_s"], abs=1e-4)
     state = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)["method_state"]
     assert state["curvature_file"] == "checkpoints/curvature/refresh-0000015.pt"  # factors once per refresh, by reference
     assert sorted(p.name for p in (full / "checkpoints" / "curvature").iterdir()) == ["refresh-0000010.pt", "refresh-0000015.pt"]
