@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ctrlora.config import TrainConfig, apply_offline, register_configs
+from ctrlora.config import TrainConfig, apply_offline, method_schema, register_configs
 from ctrlora.errors import ConfigError, DataError, RunDirError, RunStopped, mark_failed
 from ctrlora.override_keys import unknown_override_keys
 from ctrlora.storage import storage_error
@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     try:  # before Hydra, whose own refusal names no valid key
-        unknown_override_keys(sys.argv[1:], TrainConfig)
+        unknown_override_keys(sys.argv[1:], TrainConfig, {"method": method_schema})
     except ConfigError as error:
         print(f"ConfigError: {error}", file=sys.stderr)
         sys.exit(2)

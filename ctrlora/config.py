@@ -78,7 +78,9 @@ class AdaLoraSettings:
 
 @dataclass
 class MethodConfig:
-    """A PEFT method. Baselines map 1:1 onto PEFT options (docs/METHODS.md §2)."""
+    """A PEFT method: the LoRA family's settings, shared by every method (docs/METHODS.md §2). A method
+    with settings of its own has a subclass below (`METHOD_CONFIGS`), so its keys exist only when it
+    is chosen: ``method=lora method.ctr.lambda0=0.5`` fails at composition, naming the key."""
 
     name: str = "lora"
     alpha: float = 16.0
@@ -89,13 +91,51 @@ class MethodConfig:
     quantize_4bit: bool = False
     loraplus_ratio: float | None = None  # lr(B) / lr(A)
     scaling: str = "constant"  # unequal ranks: constant | rslora | standard
-    adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
-    sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
-    cg: CgSettings = field(default_factory=CgSettings)
-    ctr: CtrSettings = field(default_factory=CtrSettings)
     # hydra/sweeper=optuna searches these (Optuna's override grammar): the learning rate for every method,
     # the method's own knob where it has one (conf/method/ctrlora.yaml, cg_lora.yaml)
     search: dict[str, str] = field(default_factory=lambda: {"optim.lr": "tag(log, interval(1e-5, 1e-2))"})
+
+
+@dataclass
+class AdaLoraMethodConfig(MethodConfig):
+    adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
+
+
+@dataclass
+class SensitivityMethodConfig(MethodConfig):
+    sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
+
+    def __post_init__(self) -> None:
+        self.sensitivity.validate()
+
+
+@dataclass
+class CgMethodConfig(MethodConfig):
+    cg: CgSettings = field(default_factory=CgSettings)
+
+    def __post_init__(self) -> None:
+        self.cg.validate()
+
+
+@dataclass
+class CtrMethodConfig(MethodConfig):
+    ctr: CtrSettings = field(default_factory=CtrSettings)
+
+    def __post_init__(self) -> None:
+        self.ctr.validate()
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {  # schema/method/<name>; the LoRA family's is schema/method/base
+    "adalora": AdaLoraMethodConfig,
+    "sensitivity_lora": SensitivityMethodConfig,
+    "cg_lora": CgMethodConfig,
+    "ctrlora": CtrMethodConfig,
+}
+
+
+def method_schema(name: str) -> type[MethodConfig]:
+    """The schema of ``method=<name>``."""
+    return METHOD_CONFIGS.get(name, MethodConfig)
 
 
 @dataclass
@@ -216,10 +256,12 @@ def validate_config(cfg: DictConfig) -> None:
     Raises `ConfigError` naming the key, the value and what is allowed.
     """
     schema = OmegaConf.structured(TrainConfig)
+    schema.method = OmegaConf.structured(method_schema(cfg.method.name))  # the chosen method's
     try:
         OmegaConf.merge(schema, OmegaConf.to_container(cfg))
     except ConfigKeyError as error:
         raise unknown_key_error(schema, str(error.full_key)) from None
+    OmegaConf.to_object(cfg.method)  # the method's own checks (__post_init__), before anything loads
     if cfg.trainer.max_steps <= 0:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0")
     if cfg.trainer.checkpoint_every_n_steps <= 0:
@@ -363,7 +405,10 @@ def register_configs() -> None:
     hydra-optuna-sweeper is installed) and the resolvers (idempotent). Hydra's plugin scan runs
     first: it re-executes every plugin module, and the Optuna plugin's would otherwise re-store its
     own ``optuna`` option over ctrlora's."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for name, schema in {"base": MethodConfig, **METHOD_CONFIGS}.items():  # conf/method/*.yaml name theirs
+        store.store(group="schema/method", name=name, node=schema)
     Plugins.instance()
     try:
         from hydra_plugins.ctrlora_launchers.search import register_sweeper_config

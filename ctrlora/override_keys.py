@@ -2,12 +2,14 @@
 
 Hydra refuses ``optim.lrr=1e-3`` itself, suggesting ``+optim.lrr`` (which adds the key) and naming
 none of the valid ones. `unknown_override_keys` runs before Hydra (train.py) and names them: a
-key under a dataclass section of the schema must be one of its fields. ``+key`` additions are left
+key under a dataclass section of the schema must be one of its fields (the chosen method's, for
+``method.*``). ``+key`` additions are left
 to `ctrlora.config.validate_config`, which refuses them after composition with the same message.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -18,31 +20,46 @@ from omegaconf import DictConfig, OmegaConf
 from ctrlora.errors import ConfigError
 
 
-def unknown_key_error(schema: DictConfig, full_key: str) -> ConfigError:
-    """The error for `full_key`, absent from `schema`: the valid keys at its parent."""
-    parent = full_key.rpartition(".")[0]
-    node = OmegaConf.select(schema, parent) if parent else schema
+def unknown_key_error(schema: DictConfig, full_key: str, depth: int | None = None) -> ConfigError:
+    """The error for `full_key`, absent from the schema: the valid keys of the section it is missing
+    from — `schema` itself at component `depth`, or (None) `schema`'s section at the key's parent."""
+    if depth is None:
+        parent = full_key.rpartition(".")[0]
+        node = OmegaConf.select(schema, parent) if parent else schema
+    else:
+        node = schema
     valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
-    return ConfigError(f"unknown config key {full_key!r}; valid keys here: {', '.join(map(str, valid))}")
+    where = "here" if depth is None or depth == full_key.count(".") else f"in {'.'.join(full_key.split('.')[:depth])}"
+    return ConfigError(f"unknown config key {full_key!r}; valid keys {where}: {', '.join(map(str, valid))}")
 
 
-def unknown_override_keys(arguments: list[str], schema_class: type[Any]) -> None:
+def unknown_override_keys(
+    arguments: list[str], schema_class: type[Any], group_schemas: Mapping[str, Callable[[str], type[Any]]]
+) -> None:
     """Raise `ConfigError` for the first ``a.b=value`` whose section ``a`` is a dataclass of
-    `schema_class` without field ``b`` (at any depth). Group choices (``method=lora``), additions,
-    deletions, ``hydra.*`` and arguments Hydra cannot parse (it reports those) are passed over."""
+    `schema_class` without field ``b`` (at any depth). A group chosen on the command line
+    (``method=lora``) whose schema depends on the choice takes ``group_schemas[group](choice)``.
+    Additions, deletions, ``hydra.*`` and arguments Hydra cannot parse (it reports those) are passed over."""
     schema = OmegaConf.structured(schema_class)
     try:
         overrides = OverridesParser.create().parse_overrides([arg for arg in arguments if not arg.startswith("-")])
     except HydraException:
         return
     for override in overrides:
+        choice = override.value()
+        if override.key_or_group in group_schemas and override.type == OverrideType.CHANGE and isinstance(choice, str):
+            schema[override.key_or_group] = OmegaConf.structured(group_schemas[override.key_or_group](choice))
+    for override in overrides:
         key = override.key_or_group
         if override.type != OverrideType.CHANGE or override.package or "." not in key or key.startswith("hydra."):
             continue
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(schema, parent, default=None)
-        if is_dataclass_node(node) and leaf not in node:
-            raise unknown_key_error(schema, key)
+        node: Any = schema
+        for depth, part in enumerate(key.split(".")):
+            if not is_dataclass_node(node):
+                break  # a free mapping (eval.tasks) takes any key
+            if part not in node:
+                raise unknown_key_error(node, key, depth)
+            node = node[part]
 
 
 def is_dataclass_node(node: Any) -> bool:

@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, compose_config, with_test_defaults
+from hydra.errors import ConfigCompositionException
 
-from ctrlora.config import TrainConfig, check_environment
+from ctrlora.config import TrainConfig, check_environment, method_schema, validate_config
 from ctrlora.errors import FAILED_FILE, ConfigError, DataError, RunDirError
 from ctrlora.override_keys import unknown_override_keys
 from ctrlora.storage import storage_error, storage_problem
 
 FIXTURE_MIRRORS = ROOT / "tests" / "fixtures" / "mirrors"
+METHOD_GROUP = {"method": method_schema}
 
 
 def run_train(*overrides: str, env: dict[str, str] | None = None, max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
@@ -125,10 +127,25 @@ def test_an_unwritable_run_dir_or_a_full_disk_prints_one_line_and_exits_2(tmp_pa
 
 def test_a_misspelt_key_on_the_command_line_names_the_valid_keys() -> None:
     with pytest.raises(ConfigError, match=r"'method\.ctr\.lambda00'; valid keys here: allocation, compose, freeze_at"):
-        unknown_override_keys(["-m", "method=ctrlora", "method.ctr.lambda00=1,2"], TrainConfig)
+        unknown_override_keys(["-m", "method=ctrlora", "method.ctr.lambda00=1,2"], TrainConfig, METHOD_GROUP)
     with pytest.raises(ConfigError, match=r"'model\.nam'; valid keys here: arch, "):
-        unknown_override_keys(["model.nam=x"], TrainConfig)
+        unknown_override_keys(["model.nam=x"], TrainConfig, METHOD_GROUP)
     unknown_override_keys([  # group choices, additions, deletions, free mappings and hydra.* pass
         "method=lora", "optim.lr=1e-3", "+optim.extra=1", "~eval.limit", "eval.tasks.mine.num_fewshot=0",
         "hydra.run.dir=x", "hydra/sweeper=optuna",
-    ], TrainConfig)
+    ], TrainConfig, METHOD_GROUP)
+
+
+def test_a_method_has_only_its_own_keys_and_a_bad_choice_fails_before_anything_loads() -> None:
+    """method=lora has no `ctr` section: setting one fails at composition (Hydra) and, named with the
+    valid keys, before Hydra runs (train.py's check). A bad choice of a method's own key fails in
+    validate_config, before any weights load."""
+    with pytest.raises(ConfigCompositionException, match=r"method\.ctr\.lambda0"):
+        compose_config(["method=lora", "method.ctr.lambda0=0.5"])
+    with pytest.raises(ConfigError, match=r"'method\.ctr\.lambda0'; valid keys in method: alpha, dropout, init"):
+        unknown_override_keys(["method=lora", "method.ctr.lambda0=0.5"], TrainConfig, METHOD_GROUP)
+    unknown_override_keys(["method=ctrlora", "method.ctr.lambda0=0.5"], TrainConfig, METHOD_GROUP)
+    with pytest.raises(ConfigError, match=r"method\.ctr\.compose='dorra' is not valid; choose one of \['none', 'loraplus'"):
+        validate_config(compose_config(["method=ctrlora", "method.ctr.compose=dorra"]))
+    with pytest.raises(ConfigError, match=r"method\.cg\.score='rw' is not valid"):
+        validate_config(compose_config(["method=cg_lora", "method.cg.score=rw"]))

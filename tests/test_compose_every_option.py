@@ -53,6 +53,7 @@ from ctrlora.config import (
     check_model_path,
     check_offline_weights,
     check_packages,
+    method_schema,
     validate_config,
 )
 from ctrlora.curvature.estimate import ESTIMATORS, estimate_curvature
@@ -195,6 +196,8 @@ def test_option_composes_validates_and_holds_its_file(group: str, option: str, h
             )
         for entry in defaults:  # an experiment's `override /group: option` entries are the run's choices
             for target, choice in entry.items() if isinstance(entry, dict) else []:
+                if not target.startswith("override "):
+                    continue  # a schema a config file extends (conf/method/*.yaml: /schema/method@_here_)
                 assert cfg.hydra.runtime.choices[target.removeprefix("override ").lstrip("/")] == choice
 
     hydra_config(cfg)
@@ -204,9 +207,9 @@ def test_option_composes_validates_and_holds_its_file(group: str, option: str, h
     assert isinstance(train, TrainConfig) and train.run_dir == RUN_DIR
     if group in SCHEMA_FIELDS:
         node = getattr(train, group)
-        assert (
-            type(node).__name__ == SCHEMA_FIELDS[group]
-        )  # the group's own dataclass (annotations are strings)
+        # the group's own dataclass (annotations are strings); a method's: its own schema (METHOD_CONFIGS)
+        expected = method_schema(option).__name__ if group == "method" else SCHEMA_FIELDS[group]
+        assert type(node).__name__ == expected
         identity = next((key for key in ("name", "kind", "suite") if hasattr(node, key)), None)
         if identity is not None:  # what results.json, run dirs and the registries know the option by
             assert getattr(node, identity) == option, (

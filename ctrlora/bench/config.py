@@ -95,16 +95,17 @@ class BenchSettings:
     def train_overrides_for(self, method: str, trainer: str, run_dir: str) -> list[str]:
         """`conf/train.yaml` overrides of one bench run: every method on the same model, packed batches
         of `batch_size` × `seq_len` tokens, calibration batches of the same size, no evaluation, and
-        CTR-LoRA's curvature refresh at `refresh_step` (other methods ignore `method.ctr`)."""
+        CTR-LoRA's curvature refresh at `refresh_step`."""
         overrides = [
             f"method={method}", f"model={self.model_group}", f"trainer={trainer}", "eval=none",
             f"trainer.max_steps={self.total_steps}", "trainer.progress_bar=false",
             f"data.batch_size={self.batch_size}", f"data.max_length={self.seq_len}", "data.packing=true",
             f"calibration.num_samples={self.calibration_samples}",
             f"calibration.batch_size={self.batch_size}",
-            f"method.ctr.refresh_every={self.refresh_step}",  # one refresh inside the run, timed on its own
             f"run_dir={run_dir}",
         ]
+        if method == "ctrlora":
+            overrides.append(f"method.ctr.refresh_every={self.refresh_step}")  # one refresh, timed on its own
         if self.model_path is not None:
             overrides.append(f"model.path={self.model_path}")
         return overrides + list(self.train_overrides)

@@ -41,7 +41,7 @@ def method_defaults(method: str, settings: BenchSettings) -> dict[str, int]:
     composed = compose("train", overrides=[f"method={method}", *settings.train_overrides])
     return {
         "calibration_samples": int(composed.calibration.num_samples),
-        "refresh_every": int(composed.method.ctr.refresh_every),
+        "refresh_every": int(composed.method.ctr.refresh_every) if "ctr" in composed.method else 0,  # 0: none
     }
 
 

@@ -80,7 +80,6 @@ class CgLoraMethod(AllocatingMethod):
     def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
         super().__init__(cfg, total_steps=total_steps, run_dir=run_dir)
         settings, method = cfg.method.cg, cfg.method
-        settings.validate()
         if str(method.init) != "default":
             raise ConfigError(f"method.init={method.init!r}: CG-LoRA sets its own init; leave method.init=default")
         if method.use_dora:

@@ -98,7 +98,6 @@ class CtrLoraMethod(AllocatingMethod):
     shards_calibration = True  # every pass sums statistics across ranks: each rank may take its shard
 
     def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
-        cfg.method.ctr.validate()
         super().__init__(composed_config(cfg), total_steps=total_steps, run_dir=run_dir)
         settings = self.settings
         if settings.init == "curvature" and (str(self.cfg.method.init) != "default" or self.cfg.method.use_dora):

@@ -44,7 +44,6 @@ class SensitivityLoraMethod(AllocatingMethod):
 
     def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
         super().__init__(cfg, total_steps=total_steps, run_dir=run_dir)
-        cfg.method.sensitivity.validate()
 
     def prepare(self, model: PreTrainedModel, calibration: DataLoader | None) -> PeftModel:
         settings = self.cfg.method.sensitivity

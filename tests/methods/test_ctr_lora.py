@@ -218,9 +218,8 @@ def test_reallocation_moves_rank_within_the_budget_and_resets_only_changed_momen
     ],
 )
 def test_bad_settings_fail_naming_the_key_and_the_valid_choices(tmp_path: Path, method, override, message) -> None:
-    cfg = train_config(tmp_path, method, override)
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        build_method(cfg, total_steps=20, run_dir=tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(message)):  # a method's own keys: when the config is built
+        build_method(train_config(tmp_path, method, override), total_steps=20, run_dir=tmp_path)
 
 
 def test_the_estimate_cache_tells_a_held_out_split_from_the_whole_calibration_set(tmp_path: Path) -> None:
