@@ -250,13 +250,25 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def train_schema(method: str) -> DictConfig:
+    """`TrainConfig` as a schema whose ``method`` section is that of ``method=<method>``."""
+    schema = OmegaConf.structured(TrainConfig)
+    schema.method = OmegaConf.structured(method_schema(method))
+    return schema
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    """A run's saved config.yaml as the `TrainConfig` it ran with."""
+    saved = OmegaConf.load(path)
+    return OmegaConf.to_object(OmegaConf.merge(train_schema(saved.method.name), saved))
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Checks composition cannot make: keys added with `+`, and values with a valid range.
 
     Raises `ConfigError` naming the key, the value and what is allowed.
     """
-    schema = OmegaConf.structured(TrainConfig)
-    schema.method = OmegaConf.structured(method_schema(cfg.method.name))  # the chosen method's
+    schema = train_schema(cfg.method.name)
     try:
         OmegaConf.merge(schema, OmegaConf.to_container(cfg))
     except ConfigKeyError as error:

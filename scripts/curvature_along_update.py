@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from peft import PeftModel
 
 from ctrlora.backbones import load_backbone, load_tokenizer
-from ctrlora.config import TrainConfig
+from ctrlora.config import load_train_config
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.directional import directional_model
 from ctrlora.curvature.estimate import estimate_curvature
@@ -41,8 +40,7 @@ from ctrlora.task_types import SEQUENCE_CLASSIFICATION
 
 def measure(run_dir: Path) -> dict[str, float]:
     """The numbers of the module docstring for the run in `run_dir`."""
-    schema = OmegaConf.structured(TrainConfig)
-    cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(run_dir / "config.yaml")))
+    cfg = load_train_config(run_dir / "config.yaml")
     tokenizer = load_tokenizer(cfg.model)
     data = FinetuneDataModule(
         cfg.data, tokenizer, task=cfg.model.task, seed=cfg.seed, calibration=cfg.calibration, base_dir=Path.cwd()

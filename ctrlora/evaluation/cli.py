@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from ctrlora import report
 from ctrlora.backbones import load_backbone, load_tokenizer
-from ctrlora.config import ModelConfig, TrainConfig
+from ctrlora.config import ModelConfig, TrainConfig, load_train_config
 from ctrlora.errors import ConfigError, RunDirError
 from ctrlora.evaluation.base_row import backbone_key
 from ctrlora.evaluation.config import EvalConfig
@@ -90,9 +89,7 @@ def evaluate_run_dir(run_dir: Path, cfg: EvaluateConfig) -> dict[str, Any]:
             f"run_dir={run_dir} is not a finished run (needs results.json and adapter/); "
             f"to evaluate a bare adapter use adapter=<dir> model=<backbone>"
         )
-    run: TrainConfig = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml"))
-    )
+    run = load_train_config(run_dir / "config.yaml")
     accelerator = cfg.accelerator or run.trainer.accelerator
     quantized = run.method.quantize_4bit
     tokenizer = load_tokenizer(run.model)
