@@ -250,17 +250,17 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def train_schema(method: str) -> DictConfig:
-    """`TrainConfig` as a schema whose ``method`` section is that of ``method=<method>``."""
+def train_schema(method: type[MethodConfig]) -> DictConfig:
+    """`TrainConfig` as a schema whose ``method`` section is typed by `method`."""
     schema = OmegaConf.structured(TrainConfig)
-    schema.method = OmegaConf.structured(method_schema(method))
+    schema.method = OmegaConf.structured(method)
     return schema
 
 
 def load_train_config(path: Path) -> TrainConfig:
     """A run's saved config.yaml as the `TrainConfig` it ran with."""
     saved = OmegaConf.load(path)
-    return OmegaConf.to_object(OmegaConf.merge(train_schema(saved.method.name), saved))
+    return OmegaConf.to_object(OmegaConf.merge(train_schema(method_schema(saved.method.name)), saved))
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -268,7 +268,9 @@ def validate_config(cfg: DictConfig) -> None:
 
     Raises `ConfigError` naming the key, the value and what is allowed.
     """
-    schema = train_schema(cfg.method.name)
+    composed = OmegaConf.get_type(cfg.method)  # the schema the method's config file extends
+    schema = train_schema(composed if isinstance(composed, type) and issubclass(composed, MethodConfig)
+                          else method_schema(cfg.method.name))
     try:
         OmegaConf.merge(schema, OmegaConf.to_container(cfg))
     except ConfigKeyError as error:
