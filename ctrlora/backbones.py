@@ -32,7 +32,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from ctrlora.config import ModelConfig, TinyLlamaConfig, check_model_path
+from ctrlora.config import ModelConfig, TinyLlamaConfig
+from ctrlora.environment import check_model_path
 from ctrlora.errors import ConfigError
 from ctrlora.task_types import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 

@@ -8,7 +8,6 @@ unknown group choice fails listing the available options (Hydra's own message).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from ctrlora.errors import ConfigError
 from ctrlora.evaluation.config import EvalConfig, objective_metric
 from ctrlora.methods.settings import CgSettings, CtrSettings, SensitivitySettings
 from ctrlora.override_keys import unknown_key_error
-from ctrlora.task_types import CAUSAL_LM, SEQUENCE_CLASSIFICATION
+from ctrlora.task_types import CAUSAL_LM
 
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -318,87 +317,6 @@ def apply_offline(offline: bool) -> None:
     Hugging Face libraries are imported, which read these at import."""
     if offline:
         os.environ.update(OFFLINE_ENV)
-
-
-def check_environment(cfg: DictConfig) -> None:
-    """What a valid config needs of this machine, checked before anything loads: the devices, the
-    packages its settings use, the model's weights (a local path, or offline the hub cache) and the
-    evaluation's data."""
-    check_devices(cfg.trainer)
-    check_packages(cfg)
-    check_model_path(cfg.model)
-    check_offline_weights(cfg)
-    check_eval_data(cfg)
-
-
-def check_eval_data(cfg: DictConfig) -> None:
-    """A causal LM's lm-eval suite: its local files and mirrors read row by row (every label among the
-    choices), and offline its hub datasets cached — before training, not after it."""
-    if cfg.model.task == SEQUENCE_CLASSIFICATION or cfg.eval.suite == "none" or not cfg.eval.tasks:
-        return  # a classifier is scored on its own test split, checked with the data
-    from ctrlora.evaluation.suite import check_eval_inputs  # imports lm-eval: only when a suite runs
-
-    check_eval_inputs(OmegaConf.to_object(cfg.eval), offline=cfg.offline)
-
-
-def check_devices(trainer: DictConfig) -> None:
-    """A GPU trainer needs a visible GPU; CPU processes cannot outnumber the cores (each rank needs one)."""
-    import torch
-
-    if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"trainer={trainer.name} (trainer.accelerator={trainer.accelerator}) needs a GPU and none is visible;"
-            " on CPU use trainer=cpu, or for DDP/FSDP over processes trainer.accelerator=cpu"
-            " trainer.process_group_backend=gloo trainer.precision=32-true trainer.devices=2"
-        )
-    cores = os.cpu_count() or 1
-    if trainer.accelerator == "cpu" and isinstance(trainer.devices, int) and trainer.devices > cores:
-        raise ConfigError(
-            f"trainer.devices={trainer.devices} CPU processes on a machine with {cores} cores; use at most"
-            f" trainer.devices={cores} (or trainer=gpu on a GPU machine)"
-        )
-
-
-def check_model_path(model: ModelConfig | DictConfig) -> None:
-    """``model.path``, when set, is a folder with a config.json (save_pretrained's output)."""
-    if not model.path:
-        return
-    path = Path(model.path)
-    if not path.exists():
-        raise ConfigError(f"model.path={model.path!r} does not exist (model {model.name!r})")
-    if path.is_dir() and not (path / "config.json").exists():
-        raise ConfigError(
-            f"model.path={model.path!r} holds no config.json (model {model.name!r}): point it at the folder"
-            " with the weights, config.json and the tokenizer files (save_pretrained's output)"
-        )
-
-
-def check_offline_weights(cfg: DictConfig) -> None:
-    """Offline, a model named only by its hub id must already be in the Hugging Face cache."""
-    model = cfg.model
-    if not cfg.offline or model.path or model.package_dir or model.builder or not model.hub_id:
-        return
-    from huggingface_hub import try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(model.hub_id, "config.json"), str):
-        raise ConfigError(
-            f"model {model.name!r} ({model.hub_id}) has no local copy: not in the Hugging Face cache, and"
-            " offline=true; set model.path=<local folder with its weights> (or offline=false where the hub is reachable)"
-        )
-
-
-OPTIONAL_PACKAGES = {  # what a setting needs, and the install command (torch pinned: no CUDA pull)
-    "bitsandbytes": 'pip install "bitsandbytes>=0.50.2,<0.51" torch==2.13.0',
-}
-
-
-def check_packages(cfg: DictConfig) -> None:
-    """A setting whose package is missing fails here, before any weights load."""
-    if cfg.method.quantize_4bit and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(
-            f"method={cfg.method.name} quantizes the backbone to 4 bits and needs bitsandbytes:"
-            f" {OPTIONAL_PACKAGES['bitsandbytes']}"
-        )
 
 
 def dir_name(overrides: str, max_length: int = 120) -> str:

@@ -20,9 +20,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ctrlora import report
 from ctrlora.backbones import load_backbone, load_tokenizer
 from ctrlora.checkpoints import SignalCheckpoint, latest_checkpoint, resumable_checkpoint
-from ctrlora.config import TrainConfig, check_environment, validate_config
+from ctrlora.config import TrainConfig, validate_config
 from ctrlora.console import phase
 from ctrlora.data.datamodule import FinetuneDataModule
+from ctrlora.environment import check_environment
 from ctrlora.errors import FAILED_FILE, RunDirError, RunStopped
 from ctrlora.evaluation.base_row import backbone_key
 from ctrlora.evaluation.classification import classifier_eval_section

@@ -17,7 +17,8 @@ import torch
 from conftest import ROOT, compose_config, with_test_defaults
 from hydra.errors import ConfigCompositionException
 
-from ctrlora.config import TrainConfig, check_environment, method_schema, validate_config
+from ctrlora.config import TrainConfig, method_schema, validate_config
+from ctrlora.environment import check_environment
 from ctrlora.errors import FAILED_FILE, ConfigError, DataError, RunDirError
 from ctrlora.override_keys import unknown_override_keys
 from ctrlora.storage import storage_error, storage_problem

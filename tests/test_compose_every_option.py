@@ -46,18 +46,16 @@ from transformers import AutoConfig
 
 from ctrlora import report
 from ctrlora.backbones import build_tiny_tokenizer, meta_model, package_weights_dir
-from ctrlora.config import (
-    TrainConfig,
+from ctrlora.config import TrainConfig, method_schema, validate_config
+from ctrlora.curvature.estimate import ESTIMATORS, estimate_curvature
+from ctrlora.data.datamodule import FinetuneDataModule
+from ctrlora.environment import (
     check_devices,
     check_eval_data,
     check_model_path,
     check_offline_weights,
     check_packages,
-    method_schema,
-    validate_config,
 )
-from ctrlora.curvature.estimate import ESTIMATORS, estimate_curvature
-from ctrlora.data.datamodule import FinetuneDataModule
 from ctrlora.errors import ConfigError
 from ctrlora.methods.base import METHODS, build_method, parameter_count, target_linears
 
