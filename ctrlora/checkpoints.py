@@ -50,14 +50,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
-        with staged(Path(path), durable=True) as partial:
-            try:
-                with open(partial, "wb") as file:
-                    torch.save(checkpoint, file)
-            except RuntimeError as error:  # torch.save reports a failed write so; the OSError under it says why
-                if not isinstance(error.__context__, OSError):
-                    raise
-                raise OSError(error.__context__.errno, error.__context__.strerror, str(partial)) from error
+        with staged(Path(path), durable=True) as partial, open(partial, "wb") as file:
+            torch.save(checkpoint, file)  # a failed write: storage.storage_error finds the OSError under it
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -20,16 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from ctrlora.errors import ConfigError
 
 
-def unknown_key_error(schema: DictConfig, full_key: str, depth: int | None = None) -> ConfigError:
-    """The error for `full_key`, absent from the schema: the valid keys of the section it is missing
-    from — `schema` itself at component `depth`, or (None) `schema`'s section at the key's parent."""
-    if depth is None:
-        parent = full_key.rpartition(".")[0]
-        node = OmegaConf.select(schema, parent) if parent else schema
-    else:
-        node = schema
+def unknown_key_error(schema: DictConfig, full_key: str) -> ConfigError:
+    """The error for `full_key`, absent from `schema`: the valid keys of the deepest section of
+    `schema` on the key's path."""
+    parts = full_key.split(".")
+    node, depth = schema, 0
+    while depth < len(parts) - 1 and isinstance(node, DictConfig) and parts[depth] in node:
+        node, depth = node[parts[depth]], depth + 1
     valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
-    where = "here" if depth is None or depth == full_key.count(".") else f"in {'.'.join(full_key.split('.')[:depth])}"
+    where = "here" if depth == len(parts) - 1 else f"in {'.'.join(parts[:depth])}"
     return ConfigError(f"unknown config key {full_key!r}; valid keys {where}: {', '.join(map(str, valid))}")
 
 
@@ -54,11 +53,11 @@ def unknown_override_keys(
         if override.type != OverrideType.CHANGE or override.package or "." not in key or key.startswith("hydra."):
             continue
         node: Any = schema
-        for depth, part in enumerate(key.split(".")):
+        for part in key.split("."):
             if not is_dataclass_node(node):
                 break  # a free mapping (eval.tasks) takes any key
             if part not in node:
-                raise unknown_key_error(node, key, depth)
+                raise unknown_key_error(schema, key)
             node = node[part]
 
 
