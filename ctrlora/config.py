@@ -95,9 +95,21 @@ class MethodConfig:
     search: dict[str, str] = field(default_factory=lambda: {"optim.lr": "tag(log, interval(1e-5, 1e-2))"})
 
 
+ADALORA_REFUSED_SWITCHES = {"rslora": False, "use_dora": False, "init": "default", "loraplus_ratio": None}  # unset
+
+
 @dataclass
 class AdaLoraMethodConfig(MethodConfig):
     adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
+
+    def __post_init__(self) -> None:
+        switches = [f"method.{key}={getattr(self, key)!r}" for key, unset in ADALORA_REFUSED_SWITCHES.items()
+                    if getattr(self, key) != unset]
+        if switches:
+            raise ConfigError(
+                f"method=adalora does not take {', '.join(switches)}: AdaLoRA has its own SVD"
+                " parametrisation (PEFT's AdaLoraConfig); remove them, or use a LoRA-family method"
+            )
 
 
 @dataclass

@@ -138,7 +138,7 @@ def check_fsdp_support(method: Any) -> None:
         )
     if getattr(method, "converts_on_export", False):
         raise ConfigError(
-            f"method={method.name} (init={method.cfg.method.init}) converts its adapter on export by loading"
+            f"method={method.name} (init={method.ctx.method.init}) converts its adapter on export by loading"
             " its initial adapter into the model, which FSDP's sharded model cannot; use trainer=ddp"
         )
 

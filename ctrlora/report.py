@@ -22,7 +22,9 @@ from ctrlora.atomic import staged, write_text_atomic
 from ctrlora.config import TrainConfig
 from ctrlora.evaluation.sections import task_rows
 from ctrlora.lit import RunStats
-from ctrlora.methods.base import Method, trainable_parameter_count
+from ctrlora.methods.base import ALLOCATION_FILE, HEATMAP_FILE, Method, trainable_parameter_count
+from ctrlora.plots import loss_curve, rank_heatmap
+from ctrlora.process_ranks import is_rank_zero
 
 # keys that say where a run writes, logs or caches, and how it reports progress, not what it computes
 NON_SEMANTIC_KEYS = (
@@ -154,9 +156,8 @@ def build_results(
 ) -> dict[str, Any]:
     budget = {**method.describe(), "trainable_params": trainable_parameter_count(model)}
     train = {"steps": trainer.global_step, **stats.summary(), "loss_curve": "loss_curve.png"}
-    curvature = getattr(method, "curvature_summary", None)
-    if curvature is not None:
-        summary = curvature()
+    summary = method.curvature_summary()
+    if summary is not None:
         spent = summary.get("calibration_s", 0.0) + summary.get("refresh_s", 0.0)
         train["curvature"] = {**summary, "overhead_frac": round(spent / wall_s, 4) if wall_s > 0 else None}
     results: dict[str, Any] = {
@@ -173,10 +174,27 @@ def build_results(
         },
         "train": train,
     }
-    allocation = getattr(method, "allocation_summary", None)
+    allocation = method.allocation_summary()
     if allocation is not None:
-        results["allocation"] = allocation()
+        results["allocation"] = allocation
     return results
+
+
+def write_allocation(method: Method, run_dir: Path) -> None:
+    """`allocation.json` (atomically) and `rank_heatmap.png` of a method that allocates ranks, rank 0 only:
+    after `prepare` and again at the end of training (re-allocations change the record)."""
+    record = method.allocation_record()
+    if record is None or not is_rank_zero():
+        return
+    write_text_atomic(run_dir / ALLOCATION_FILE, json.dumps(record, indent=2, default=_json_default) + "\n")
+    ranks = {name: module["rank"] for name, module in record["modules"].items()}
+    rank_heatmap(ranks, run_dir / HEATMAP_FILE, title=f"{record['method']}: LoRA rank per module")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -221,8 +239,6 @@ def logged_losses(run_dir: Path) -> tuple[list[int], list[float]]:
 
 def write_outputs(run_dir: Path, results: dict[str, Any]) -> None:
     """The loss curve and summary.md first, results.json last (its presence marks a finished run)."""
-    from ctrlora.plots import loss_curve
-
     loss_curve(*logged_losses(run_dir), run_dir / "loss_curve.png")
     (run_dir / "summary.md").write_text(summary_markdown(results))
     write_json(run_dir / "results.json", results)

@@ -119,7 +119,9 @@ class AdapterSetup(L.Callback):
         self.prepared = True
         work = "calibration, allocation and adapters" if calibration is not None else "adapters"
         with phase(f"{self.cfg.method.name}: {work}"):
-            return self.method.prepare(backbone, calibration)
+            model = self.method.prepare(backbone, calibration)
+        report.write_allocation(self.method, Path(self.cfg.run_dir))
+        return model
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.prepared:
@@ -270,6 +272,7 @@ def train(composed: DictConfig) -> dict[str, Any]:
         report.merge_resumed_metrics(run_dir, previous_metrics, run.module.resumed_from_step)
 
     report.save_adapter(run.method, run.model, run.tokenizer, run_dir / "adapter", adapter_state)
+    report.write_allocation(run.method, run_dir)  # the ranks training ended with (after any re-allocation)
     results = report.build_results(
         cfg, method=run.method, model=run.model, stats=run.stats, trainer=run.trainer,
         started_at=started_at, wall_s=run.stats.wall_s(),

@@ -24,9 +24,9 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from ctrlora.evaluation.sections import task_rows
+from ctrlora.methods.base import ALLOCATION_FILE, HEATMAP_FILE
 
-ALLOCATION_FILE = "allocation.json"
-IMAGES = {"allocation/rank_heatmap": "rank_heatmap.png", "train/loss_curve": "loss_curve.png"}
+IMAGES = {"allocation/rank_heatmap": HEATMAP_FILE, "train/loss_curve": "loss_curve.png"}
 SPECTRUM_KEYS = ("sigma", "singular_values", "spectrum")
 TRAIN_SUMMARY_KEYS = ("steps", "tokens", "tokens_per_s", "final_loss", "peak_memory_bytes")
 

@@ -15,6 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from ctrlora import report
+from ctrlora.config import validate_config
 from ctrlora.errors import ConfigError
 from ctrlora.methods.base import build_method
 from ctrlora.run import RunParts, assemble
@@ -120,7 +121,6 @@ def test_pissa_export_applies_to_the_original_base(tmp_path: Path) -> None:
 
 def test_adalora_refuses_the_lora_switches_it_cannot_apply(tmp_path: Path) -> None:
     for switch in ("method.rslora=true", "method.use_dora=true", "method.init=gaussian", "method.loraplus_ratio=16"):
-        cfg = OmegaConf.to_object(compose_config([f"run_dir={tmp_path}", "method=adalora", switch]))
         with pytest.raises(ConfigError, match=f"method=adalora does not take {switch.split('=')[0]}="):
-            build_method(cfg, total_steps=10, run_dir=tmp_path)
+            validate_config(compose_config([f"run_dir={tmp_path}", "method=adalora", switch]))  # before weights load
     build_method(OmegaConf.to_object(compose_config([f"run_dir={tmp_path}", "method=adalora"])), total_steps=10, run_dir=tmp_path)

@@ -8,7 +8,6 @@ before the gradients are zeroed (Lightning zeroes them at the start of the next 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,8 +15,6 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from ctrlora.config import TrainConfig
-from ctrlora.errors import ConfigError
 from ctrlora.methods.base import MethodBase, register_method, resolve_budget, to_float32_trainables
 from ctrlora.methods.lora_family import peft_task_type
 from ctrlora.peft_layout import ADAPTER
@@ -36,24 +33,13 @@ class AdaLoraRankUpdate(L.Callback):
             self.last_step = step
 
 
-LORA_SWITCHES = {"rslora": False, "use_dora": False, "init": "default", "loraplus_ratio": None}  # unset values
-
-
 @register_method("adalora")
 class AdaLoraMethod(MethodBase):
-    def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
-        super().__init__(cfg, total_steps=total_steps, run_dir=run_dir)
-        set_switches = [f"method.{key}={getattr(cfg.method, key)!r}" for key, unset in LORA_SWITCHES.items()
-                        if getattr(cfg.method, key) != unset]
-        if set_switches:
-            raise ConfigError(
-                f"method=adalora does not take {', '.join(set_switches)}: AdaLoRA has its own SVD"
-                " parametrisation (PEFT's AdaLoraConfig); remove them, or use a LoRA-family method"
-            )
+    """PEFT's AdaLoRA at the budget's rank (the LoRA switches it cannot apply are refused by its config)."""
 
     def adalora_config(self, rank: int) -> AdaLoraConfig:
         """`target_r = r̄`, `init_r = ⌈1.5 r̄⌉`, schedule as fractions of the total steps."""
-        settings, total = self.cfg.method.adalora, self.total_steps
+        settings, total = self.ctx.method.adalora, self.total_steps
         return AdaLoraConfig(
             init_r=math.ceil(settings.init_r_factor * rank),
             target_r=rank,
@@ -64,15 +50,15 @@ class AdaLoraMethod(MethodBase):
             beta1=settings.beta1,
             beta2=settings.beta2,
             orth_reg_weight=settings.orth_reg_weight,
-            lora_alpha=self.cfg.method.alpha,
-            lora_dropout=self.cfg.method.dropout,
-            target_modules=list(self.cfg.model.target_modules),
-            task_type=peft_task_type(self.cfg.model.task),
-            modules_to_save=list(self.cfg.model.modules_to_save) or None,
+            lora_alpha=self.ctx.method.alpha,
+            lora_dropout=self.ctx.method.dropout,
+            target_modules=list(self.ctx.model.target_modules),
+            task_type=peft_task_type(self.ctx.model.task),
+            modules_to_save=list(self.ctx.model.modules_to_save) or None,
         )
 
     def prepare(self, model: PreTrainedModel, calibration: DataLoader | None) -> PeftModel:
-        self.budget = resolve_budget(self.cfg.budget, model, list(self.cfg.model.target_modules))
+        self.budget = resolve_budget(self.ctx.budget, model, list(self.ctx.model.target_modules))
         self.model = get_peft_model(model, self.adalora_config(self.budget.rank))
         to_float32_trainables(self.model)
         return self.model

@@ -1,5 +1,6 @@
-"""What the curvature-aware methods share: calibration estimates, per-module ranks in a stock
-`LoraConfig`, and the allocation record (`allocation.json`, `rank_heatmap.png`).
+"""What the curvature-aware methods share: calibration estimates, whitened spectra and the greedy
+allocation on them, per-module ranks in a stock `LoraConfig`, and the allocation record (the content
+of `allocation.json`, which `report.write_allocation` writes with `rank_heatmap.png`).
 
 Unequal ranks go into PEFT as ``rank_pattern`` and ``alpha_pattern`` keyed by the full module
 names (docs/METHODS.md §1). The scaling rule fixes ``α_l`` so that PEFT's ``α_l / r_l`` is the intended
@@ -12,33 +13,33 @@ left out of ``target_modules``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, replace
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
-from ctrlora.allocation import allocation_params
-from ctrlora.atomic import write_text_atomic
-from ctrlora.config import TrainConfig
+from ctrlora.allocation import allocate_ranks, allocation_params
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.estimate import estimate_curvature
+from ctrlora.curvature.lowrank import EXACT_SVD_MAX_DIM, WhitenedSpectrum, whitened_spectra
 from ctrlora.curvature.result import CurvatureResult
 from ctrlora.errors import ConfigError
-from ctrlora.methods.base import Budget, resolve_budget, target_linears, to_float32_trainables
+from ctrlora.methods.base import (
+    ALLOCATION_FILE,
+    HEATMAP_FILE,
+    Budget,
+    MethodContext,
+    resolve_budget,
+    target_linears,
+    to_float32_trainables,
+)
 from ctrlora.methods.lora_family import LoraMethod
-from ctrlora.plots import rank_heatmap
-from ctrlora.process_ranks import is_rank_zero
 
 SCALINGS = ("constant", "rslora", "standard")
-ALLOCATION_FILE = "allocation.json"
-HEATMAP_FILE = "rank_heatmap.png"
 
 
 class BatchRange:
@@ -59,13 +60,13 @@ class AllocatingMethod(LoraMethod):
 
     rule: str = "uniform"  # the allocation rule recorded in allocation.json
 
-    def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
-        super().__init__(cfg, total_steps=total_steps, run_dir=run_dir)
-        if cfg.method.scaling not in SCALINGS:
-            raise ConfigError(f"method.scaling={cfg.method.scaling!r} is not valid; choose one of {list(SCALINGS)}")
-        if cfg.method.rslora:
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        if ctx.method.scaling not in SCALINGS:
+            raise ConfigError(f"method.scaling={ctx.method.scaling!r} is not valid; choose one of {list(SCALINGS)}")
+        if ctx.method.rslora:
             raise ConfigError(
-                f"method.rslora=true does not apply to method={cfg.method.name} (ranks differ per module);"
+                f"method.rslora=true does not apply to method={ctx.method.name} (ranks differ per module);"
                 " use method.scaling=rslora"
             )
         self.shapes: dict[str, tuple[int, int]] = {}
@@ -77,8 +78,8 @@ class AllocatingMethod(LoraMethod):
 
     def resolve(self, model: nn.Module) -> Budget:
         """Resolve the budget and the target shapes name -> (d_out, d_in)."""
-        targets = list(self.cfg.model.target_modules)
-        self.budget = resolve_budget(self.cfg.budget, model, targets)
+        targets = list(self.ctx.model.target_modules)
+        self.budget = resolve_budget(self.ctx.budget, model, targets)
         self.shapes = target_linears(model, targets)
         return self.budget
 
@@ -94,7 +95,7 @@ class AllocatingMethod(LoraMethod):
 
     def alpha_for(self, rank: int) -> float:
         """``α_l`` that makes PEFT's ``α_l / r_l`` follow `method.scaling` (module docstring)."""
-        alpha, scaling = self.cfg.method.alpha, self.cfg.method.scaling
+        alpha, scaling = self.ctx.method.alpha, self.ctx.method.scaling
         if scaling == "constant":
             return alpha * rank / self.budget.rank
         if scaling == "rslora":
@@ -123,9 +124,9 @@ class AllocatingMethod(LoraMethod):
         """`get_peft_model` as the LoRA family does it (4-bit preparation, fp32 adapters), then the
         method's own `initialise`, then — when the init moves the base weights — the initial
         adapter saved for the export conversion."""
-        if self.cfg.method.quantize_4bit:
+        if self.ctx.method.quantize_4bit:
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=self.cfg.model.gradient_checkpointing
+                model, use_gradient_checkpointing=self.ctx.model.gradient_checkpointing
             )
         peft_model = get_peft_model(model, config)
         to_float32_trainables(peft_model)
@@ -139,7 +140,7 @@ class AllocatingMethod(LoraMethod):
 
     def curvature_settings(self, kind: str | None = None) -> CurvatureConfig:
         """The run's `curvature=` settings, with the estimator kind forced when a method needs one."""
-        cfg = self.cfg.curvature
+        cfg = self.ctx.curvature
         return cfg if kind is None or kind == cfg.kind else replace(cfg, kind=kind)
 
     def estimate(
@@ -162,7 +163,7 @@ class AllocatingMethod(LoraMethod):
         """
         result = estimate_curvature(
             model, batches, targets, cfg, want_grad=want_grad, sketch_rank=sketch_rank,
-            progress=self.cfg.trainer.progress_bar, cache_key=cache_key,
+            progress=self.ctx.progress_bar, cache_key=cache_key,
         )
         self.curvature_reports.append({"label": label, **result.report.to_dict()})
         return result
@@ -172,11 +173,29 @@ class AllocatingMethod(LoraMethod):
         config = getattr(model, "config", None)
         return {
             **batches,
-            "model": getattr(config, "_name_or_path", None) or self.cfg.model.name,
+            "model": getattr(config, "_name_or_path", None) or self.ctx.model.name,
             "dtype": str(next(model.parameters()).dtype),
-            "data": asdict(self.cfg.data),
-            "calibration": asdict(self.cfg.calibration),
+            **self.ctx.calibration_source,
         }
+
+    def spectra_of(
+        self, curvature: CurvatureResult, names: list[str], r_max: int, *, oversampling: int = 10, power_iters: int = 2
+    ) -> dict[str, WhitenedSpectrum]:
+        """The top-``min(r_max, m, n)`` spectrum of each of `names`' whitened gradient: exact when m, n ≤
+        4096, else randomized with `oversampling` and `power_iters` (docs/METHODS.md §5, §6.1)."""
+        cfg = self.curvature_settings()
+        return whitened_spectra(
+            {name: curvature[name] for name in names}, {name: min(r_max, *self.shapes[name]) for name in names},
+            damping=cfg.damping, pi_split=cfg.pi_damping, oversampling=oversampling, power_iters=power_iters,
+            seed=cfg.seed, exact_max_dim=EXACT_SVD_MAX_DIM,
+        )
+
+    def greedy_ranks(
+        self, spectra: Mapping[str, WhitenedSpectrum], r_min: int, r_max: int, score: str
+    ) -> dict[str, int]:
+        """The greedy knapsack on the rank units' utilities ``u = ½σ²`` under the budget ρN."""
+        utilities = {name: spectrum.utilities() for name, spectrum in spectra.items()}
+        return allocate_ranks(utilities, self.costs, self.budget.allowed_params, r_min, r_max, "greedy", score)
 
     # --- the allocation record ------------------------------------------------------------------
 
@@ -186,8 +205,8 @@ class AllocatingMethod(LoraMethod):
         return {
             "method": self.name,
             "rule": self.rule,
-            "scaling": self.cfg.method.scaling,
-            "alpha": self.cfg.method.alpha,
+            "scaling": self.ctx.method.scaling,
+            "alpha": self.ctx.method.alpha,
             "budget": {
                 "rank": self.budget.rank,
                 "ratio": self.budget.ratio,
@@ -210,23 +229,21 @@ class AllocatingMethod(LoraMethod):
                 for name in self.shapes
             },
             "settings": asdict(settings) if settings is not None else {},
-            "curvature_settings": asdict(self.cfg.curvature),
+            "curvature_settings": asdict(self.ctx.curvature),
         }
 
-    def write_record(self) -> None:
-        """Write `allocation.json` (atomically) and `rank_heatmap.png` into the run dir (rank 0 only)."""
-        if not is_rank_zero():
-            return
-        write_text_atomic(self.run_dir / ALLOCATION_FILE, json.dumps(self.record, indent=2, default=_json_default) + "\n")
-        rank_heatmap(self.ranks, self.run_dir / HEATMAP_FILE, title=f"{self.name}: LoRA rank per module")
+    def allocation_record(self) -> dict[str, Any]:
+        """What `prepare` recorded (`base_record` plus the method's own entries)."""
+        return self.record
 
     def allocation_summary(self) -> dict[str, Any]:
         """The `allocation` section of results.json."""
+        record = self.allocation_record()
         return {
-            "rule": self.record.get("rule"),
+            "rule": record.get("rule"),
             "file": ALLOCATION_FILE,
             "heatmap": HEATMAP_FILE,
-            "budget": self.record.get("budget"),
+            "budget": record.get("budget"),
             "ranks": dict(self.ranks),
         }
 
@@ -238,8 +255,3 @@ class AllocatingMethod(LoraMethod):
             "calibration_s": sum(report["estimate_s"] for report in initial),
         }
 
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return str(value)

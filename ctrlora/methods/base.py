@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,8 +21,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from ctrlora.config import BudgetConfig, TrainConfig
+from ctrlora.config import BudgetConfig, MethodConfig, ModelConfig, TrainConfig
+from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.errors import ConfigError
+
+ALLOCATION_FILE, HEATMAP_FILE = "allocation.json", "rank_heatmap.png"  # the run dir's allocation record
 
 
 class Method(Protocol):
@@ -48,8 +51,44 @@ class Method(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def describe(self) -> dict[str, Any]: ...
 
-METHODS: dict[str, Callable[..., Method]] = {}
+    def allocation_record(self) -> dict[str, Any] | None: ...
+
+    def allocation_summary(self) -> dict[str, Any] | None: ...
+
+    def curvature_summary(self) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method is built from: its own settings, the budget, the backbone's targets and task, the
+    curvature settings, where it writes and how long it trains — not the whole `TrainConfig`.
+
+    ``calibration_source`` is what identifies the calibration batches (the data and calibration
+    settings): part of the key of a cached curvature estimate.
+    """
+
+    method: MethodConfig
+    budget: BudgetConfig
+    model: ModelConfig
+    curvature: CurvatureConfig
+    run_dir: Path
+    total_steps: int
+    weight_decay: float = 0.0  # LoRA+ builds its own optimizer groups
+    progress_bar: bool = False
+    calibration_source: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> MethodContext:
+        return cls(
+            method=cfg.method, budget=cfg.budget, model=cfg.model, curvature=cfg.curvature, run_dir=Path(run_dir),
+            total_steps=total_steps, weight_decay=cfg.optim.weight_decay, progress_bar=cfg.trainer.progress_bar,
+            calibration_source={"data": asdict(cfg.data), "calibration": asdict(cfg.calibration)},
+        )
+
+
+METHODS: dict[str, Callable[[MethodContext], Method]] = {}
 
 
 def register_method(*names: str) -> Callable[[type], type]:
@@ -66,13 +105,13 @@ def register_method(*names: str) -> Callable[[type], type]:
 
 
 def build_method(cfg: TrainConfig, total_steps: int, run_dir: Path) -> Method:
-    """Instantiate the method named by ``cfg.method.name``."""
+    """Instantiate the method named by ``cfg.method.name`` on its `MethodContext`."""
     import_module("ctrlora.methods.builtin")  # registers the built-in methods
 
     name = cfg.method.name
     if name not in METHODS:
         raise ConfigError(f"method.name={name!r} is unknown; valid: {', '.join(sorted(METHODS))}")
-    return METHODS[name](cfg, total_steps=total_steps, run_dir=run_dir)
+    return METHODS[name](MethodContext.of(cfg, total_steps=total_steps, run_dir=run_dir))
 
 
 @dataclass(frozen=True)
@@ -165,17 +204,17 @@ def trainable_parameter_count(model: nn.Module) -> int:
 
 
 class MethodBase:
-    """Defaults of the protocol: no extra loss, one parameter group, no callbacks, no state."""
+    """Defaults of the protocol: no extra loss, one parameter group, no callbacks, no state, no records."""
 
     name: str = "base"
     needs_calibration: bool = False
     shards_calibration: bool = False
 
-    def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
-        self.cfg = cfg
-        self.total_steps = total_steps
-        self.run_dir = Path(run_dir)
-        self.name = cfg.method.name
+    def __init__(self, ctx: MethodContext) -> None:
+        self.ctx = ctx
+        self.total_steps = ctx.total_steps
+        self.run_dir = ctx.run_dir
+        self.name = ctx.method.name
         self.budget: Budget | None = None
 
     def extra_loss(self, model: PeftModel, step: int) -> Tensor | None:
@@ -210,6 +249,18 @@ class MethodBase:
             "target_params": self.budget.target_params,
             "allowed_params": self.budget.allowed_params,
         }
+
+    def allocation_record(self) -> dict[str, Any] | None:
+        """allocation.json's content for methods that allocate ranks (`report.write_allocation` writes it)."""
+        return None
+
+    def allocation_summary(self) -> dict[str, Any] | None:
+        """The `allocation` section of results.json (None: no section)."""
+        return None
+
+    def curvature_summary(self) -> dict[str, Any] | None:
+        """The `train.curvature` section of results.json (None: no calibration estimate)."""
+        return None
 
 
 def to_float32_trainables(model: nn.Module) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,21 +34,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from ctrlora.allocation import allocate_ranks
-from ctrlora.config import TrainConfig
 from ctrlora.curvature.directional import directional_model
-from ctrlora.curvature.lowrank import (
-    EXACT_SVD_MAX_DIM,
-    DampedPairs,
-    WhitenedSpectrum,
-    curvature_step_factors,
-    whitened_spectra,
-)
+from ctrlora.curvature.lowrank import DampedPairs, WhitenedSpectrum, curvature_step_factors
 from ctrlora.curvature.objectives import summed_loss
 from ctrlora.curvature.result import CurvatureResult
 from ctrlora.errors import ConfigError
 from ctrlora.methods.allocating import AllocatingMethod, BatchRange
-from ctrlora.methods.base import register_method
+from ctrlora.methods.base import MethodContext, register_method
 from ctrlora.peft_layout import ADAPTER, PEFT_PREFIX, adapter_parameters, lora_layers, set_adapter
 
 log = logging.getLogger(__name__)
@@ -77,9 +68,9 @@ def shift_base_weight(name: str, weight: Tensor, step: Tensor) -> None:
 class CgLoraMethod(AllocatingMethod):
     needs_calibration = True
 
-    def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
-        super().__init__(cfg, total_steps=total_steps, run_dir=run_dir)
-        settings, method = cfg.method.cg, cfg.method
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        settings, method = ctx.method.cg, ctx.method
         if str(method.init) != "default":
             raise ConfigError(f"method.init={method.init!r}: CG-LoRA sets its own init; leave method.init=default")
         if method.use_dora:
@@ -93,14 +84,14 @@ class CgLoraMethod(AllocatingMethod):
 
     @property
     def rule(self) -> str:  # type: ignore[override]
-        return self.cfg.method.cg.allocate
+        return self.ctx.method.cg.allocate
 
     @property
     def converts_on_export(self) -> bool:
-        return self.cfg.method.cg.shift or super().converts_on_export
+        return self.ctx.method.cg.shift or super().converts_on_export
 
     def prepare(self, model: PreTrainedModel, calibration: DataLoader | None) -> PeftModel:
-        settings = self.cfg.method.cg
+        settings = self.ctx.method.cg
         if calibration is None:
             raise ConfigError("method=cg_lora needs the calibration loader (calibration.num_samples > 0)")
         self.resolve(model)
@@ -110,11 +101,7 @@ class CgLoraMethod(AllocatingMethod):
         names = list(self.shapes)
         key = self.calibration_key(model, batches=[0, len(estimate_batches)] if holdout is not None else "all")
         curvature = self.estimate(model, estimate_batches, names, cfg, want_grad=True, sketch_rank=r_max, cache_key=key)
-        ranks = {name: min(r_max, *self.shapes[name]) for name in names}
-        spectra = whitened_spectra(
-            curvature.modules, ranks, damping=cfg.damping, pi_split=cfg.pi_damping, seed=cfg.seed,
-            exact_max_dim=EXACT_SVD_MAX_DIM,
-        )
+        spectra = self.spectra_of(curvature, names, r_max)
         self.ranks = self.allocate(spectra, r_max)
         steps = self.unit_steps(curvature, spectra)
         del curvature  # the factors are not needed in training
@@ -126,12 +113,11 @@ class CgLoraMethod(AllocatingMethod):
             r_max=r_max, eta=self.eta, eta_model=self.eta_model, eta_search=self.eta_search,
             init="lora (no step lowered the held-out loss)" if self.eta == 0 else "curvature step",
         )
-        self.write_record()
         return peft_model
 
     def split_calibration(self, calibration: DataLoader) -> tuple[Iterable[dict[str, Any]], BatchRange | None]:
         """(estimate batches, held-out batches for the η search or None when η is fixed)."""
-        settings = self.cfg.method.cg
+        settings = self.ctx.method.cg
         if settings.eta != "auto":
             return calibration, None
         count, held = len(calibration), settings.eta_holdout_batches
@@ -144,13 +130,10 @@ class CgLoraMethod(AllocatingMethod):
 
     def allocate(self, spectra: Mapping[str, WhitenedSpectrum], r_max: int) -> dict[str, int]:
         """r̄ on every target (at most min(m, n)), or the greedy knapsack on ``u = ½σ²`` under ρN."""
-        settings = self.cfg.method.cg
+        settings = self.ctx.method.cg
         if settings.allocate == "uniform":
             return {name: min(self.budget.rank, *self.shapes[name]) for name in spectra}
-        utilities = {name: spectrum.utilities() for name, spectrum in spectra.items()}
-        return allocate_ranks(
-            utilities, self.costs, self.budget.allowed_params, settings.r_min, r_max, "greedy", settings.score
-        )
+        return self.greedy_ranks(spectra, settings.r_min, r_max, settings.score)
 
     def unit_steps(
         self, curvature: CurvatureResult, spectra: Mapping[str, WhitenedSpectrum]
@@ -178,7 +161,7 @@ class CgLoraMethod(AllocatingMethod):
     ) -> None:
         """Choose η (`choose_eta`), set ``(B₀, A₀) = √η (B₁, A₁)`` and shift W if asked; η = 0 keeps LoRA's init."""
         layers = lora_layers(peft_model)
-        settings = self.cfg.method.cg
+        settings = self.ctx.method.cg
         self.weight_norms = {name: float(dequantize_module_weight(layer.base_layer).float().norm()) for name, layer in layers.items()}
         self.eta = float(settings.eta) if holdout is None else self.choose_eta(peft_model, layers, steps, estimate_batches, holdout)
         if self.eta == 0:
@@ -213,7 +196,7 @@ class CgLoraMethod(AllocatingMethod):
         quadratic = directional_model(peft_model, estimate_batches, tangents)
         self.eta_model = {"slope": quadratic.slope, "curvature": quadratic.curvature, "eta_star": quadratic.minimiser}
         self.eta_search = {"0": mean_token_loss(peft_model, holdout)}  # B = 0: the pretrained model
-        scaled = quadratic.minimiser * self.cfg.method.cg.eta_scale
+        scaled = quadratic.minimiser * self.ctx.method.cg.eta_scale
         chosen = 0.0
         for eta in ([scaled, scaled / 4, scaled / 16] if math.isfinite(scaled) else []):
             for name, layer in layers.items():

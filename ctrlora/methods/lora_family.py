@@ -33,7 +33,7 @@ class LoraMethod(MethodBase):
 
     def lora_config(self, rank: int, **overrides) -> LoraConfig:
         """The stock `LoraConfig` for rank r̄ on the model's target modules."""
-        method, model = self.cfg.method, self.cfg.model
+        method, model = self.ctx.method, self.ctx.model
         options = dict(
             r=rank,
             lora_alpha=method.alpha,
@@ -49,10 +49,10 @@ class LoraMethod(MethodBase):
         return LoraConfig(**options)
 
     def prepare(self, model: PreTrainedModel, calibration: DataLoader | None) -> PeftModel:
-        self.budget = resolve_budget(self.cfg.budget, model, list(self.cfg.model.target_modules))
-        if self.cfg.method.quantize_4bit:
+        self.budget = resolve_budget(self.ctx.budget, model, list(self.ctx.model.target_modules))
+        if self.ctx.method.quantize_4bit:
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=self.cfg.model.gradient_checkpointing
+                model, use_gradient_checkpointing=self.ctx.model.gradient_checkpointing
             )
         peft_model = get_peft_model(model, self.lora_config(self.budget.rank))
         to_float32_trainables(peft_model)
@@ -62,7 +62,7 @@ class LoraMethod(MethodBase):
 
     @property
     def converts_on_export(self) -> bool:
-        return str(self.cfg.method.init).startswith(CONVERTIBLE_INITS)
+        return str(self.ctx.method.init).startswith(CONVERTIBLE_INITS)
 
     @property
     def initial_adapter_dir(self) -> Path:
@@ -85,11 +85,11 @@ class LoraMethod(MethodBase):
 
     def param_groups(self, model: PeftModel, lr: float) -> list[dict]:
         """LoRA+: PEFT's groups, B (and embedding B) at `loraplus_ratio` × the lr of A."""
-        ratio = self.cfg.method.loraplus_ratio
+        ratio = self.ctx.method.loraplus_ratio
         if ratio is None:
             return super().param_groups(model, lr)
         optimizer = create_loraplus_optimizer(
             model, optimizer_cls=torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
-            weight_decay=self.cfg.optim.weight_decay,
+            weight_decay=self.ctx.weight_decay,
         )
         return [group for group in optimizer.param_groups if group["params"]]

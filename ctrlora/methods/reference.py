@@ -26,14 +26,14 @@ class ReferenceMethod(MethodBase):
     """``head_only``: only ``model.modules_to_save`` (the classifier) trains; ``full_ft``: everything."""
 
     def prepare(self, model: PreTrainedModel, calibration: DataLoader | None) -> nn.Module:
-        if self.cfg.model.task != SEQUENCE_CLASSIFICATION:
+        if self.ctx.model.task != SEQUENCE_CLASSIFICATION:
             raise ConfigError(
-                f"method={self.name} is a reference row for sequence classifiers; model={self.cfg.model.name} "
-                f"has task {self.cfg.model.task!r} (use an encoder such as model=minilm-l6)"
+                f"method={self.name} is a reference row for sequence classifiers; model={self.ctx.model.name} "
+                f"has task {self.ctx.model.task!r} (use an encoder such as model=minilm-l6)"
             )
-        heads = list(self.cfg.model.modules_to_save)
+        heads = list(self.ctx.model.modules_to_save)
         if self.name == "head_only" and not heads:
-            raise ConfigError(f"method=head_only needs model.modules_to_save (the head); model={self.cfg.model.name} has none")
+            raise ConfigError(f"method=head_only needs model.modules_to_save (the head); model={self.ctx.model.name} has none")
         for name, param in model.named_parameters():
             param.requires_grad_(self.name == "full_ft" or any(name.startswith(f"{head}.") for head in heads))
         self.backbone_params = parameter_count(model)

@@ -10,14 +10,12 @@ effective-rank metrics, their ``σ/μ²`` weights and ``θ_l`` (`sensitivity_met
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 from peft import PeftModel
 from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from ctrlora.config import TrainConfig
 from ctrlora.curvature.factors import DenseFactor, DiagonalFactor, Factor, LowRankFactor
 from ctrlora.errors import ConfigError
 from ctrlora.methods.allocating import AllocatingMethod
@@ -42,11 +40,8 @@ class SensitivityLoraMethod(AllocatingMethod):
     needs_calibration = True
     rule = "proportional"
 
-    def __init__(self, cfg: TrainConfig, *, total_steps: int, run_dir: Path) -> None:
-        super().__init__(cfg, total_steps=total_steps, run_dir=run_dir)
-
     def prepare(self, model: PreTrainedModel, calibration: DataLoader | None) -> PeftModel:
-        settings = self.cfg.method.sensitivity
+        settings = self.ctx.method.sensitivity
         if calibration is None:
             raise ConfigError("method=sensitivity_lora needs the calibration loader (calibration.num_samples > 0)")
         self.resolve(model)
@@ -62,5 +57,4 @@ class SensitivityLoraMethod(AllocatingMethod):
         self.record["coefficients"] = asdict(report.coefficients)
         self.record["r_max"] = r_max
         self.record["rank_total_allowed"] = self.budget.rank * len(names)
-        self.write_record()
         return peft_model

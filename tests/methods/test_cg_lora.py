@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from ctrlora.peft_layout import lora_layers
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
 from ctrlora import report
 from ctrlora.methods.base import build_method
 from ctrlora.methods.cg_lora import mean_token_loss
+from ctrlora.peft_layout import lora_layers
 
 from .curvature_method_helpers import (
     build_run,
@@ -119,6 +119,7 @@ def test_eta_star_minimises_the_exact_quadratic_model_along_the_joint_direction(
     method = build_method(cfg, total_steps=20, run_dir=tmp_path)
     batches = full_label_batches(count=3)
     peft_model = method.prepare(tiny_fp64_llama(), batches)
+    report.write_allocation(method, tmp_path)  # allocation.json, as a run writes it after prepare
     assert method.curvature_reports[0]["tokens"] == 2 * 3 * 8  # the estimate saw the first two batches only
 
     directions, _ = closed_form_steps(cfg, rank=2, eta=1.0, batches=batches[:2])
@@ -145,6 +146,7 @@ def test_when_every_step_raises_the_held_out_loss_the_adapters_keep_loras_init(t
     held_out = batches[2]  # labelled with the pretrained model's own predictions: any large step hurts them
     held_out["labels"] = torch.cat([held_out["labels"][:, :1], logits(tiny_fp64_llama(), held_out).argmax(-1)[:, :-1]], 1)
     peft_model = method.prepare(tiny_fp64_llama(), batches)
+    report.write_allocation(method, tmp_path)  # allocation.json, as a run writes it after prepare
     record = json.loads((tmp_path / "allocation.json").read_text())
     search = record["eta_search"]
     assert len(search) == 4 and all(loss > search["0"] for eta, loss in search.items() if eta != "0")

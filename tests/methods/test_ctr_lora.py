@@ -190,7 +190,7 @@ def test_reallocation_moves_rank_within_the_budget_and_resets_only_changed_momen
         peft_model.get_base_model(), full_label_batches(), list(method.layers), method.curvature_settings(),
         want_grad=True, label="refresh",
     )
-    changes = method.reallocate_ranks(refreshed, optimizer, step=5)
+    changes = method.refresher.reallocate_ranks(refreshed, optimizer, step=5)
     assert changes, "this case is meant to move rank units"
     assert allocation_params(method.ranks, method.costs) <= method.budget.allowed_params
     assert {name for name, rank in method.ranks.items() if rank > 0} == {n for n, r in before.items() if r > 0}
@@ -201,7 +201,7 @@ def test_reallocation_moves_rank_within_the_budget_and_resets_only_changed_momen
     optimizer.zero_grad()
     method.extra_loss(peft_model, step=1).backward()
     optimizer.step()  # the resized parameters train on
-    assert method.history[-1]["utility_after"] >= method.history[-1]["utility_before"]
+    assert method.refresher.history[-1]["utility_after"] >= method.refresher.history[-1]["utility_before"]
 
 
 @pytest.mark.parametrize(

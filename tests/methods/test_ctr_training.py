@@ -72,7 +72,7 @@ def test_refreshes_happen_at_the_refresh_steps_with_fresh_estimates_and_lambda_f
     run.trainer.fit(run.module, datamodule=run.datamodule)
 
     assert run.method.trust.loss_scale == 1.0
-    assert [refresh["step"] for refresh in run.method.refreshes] == [5, 10, 15]
+    assert [refresh["step"] for refresh in run.method.refresher.refreshes] == [5, 10, 15]
     for name, (a, g) in probe.used.items():
         fresh_a, fresh_g = expected_metric(probe.fresh[name], cfg)
         assert relative_error(a, fresh_a) < 1e-6, name
@@ -123,7 +123,7 @@ def test_training_source_accumulates_the_kfac_factors_of_the_batches_before_the_
     snapshots = WindowSnapshots({4, 5})
     run.trainer.callbacks.append(snapshots)
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    assert [refresh["step"] for refresh in run.method.refreshes] == [5]
+    assert [refresh["step"] for refresh in run.method.refresher.refreshes] == [5]
     assert len(snapshots.snapshots) == 4  # 2 optimizer steps × 2 accumulated micro-batches
 
     names = list(run.method.layers)
@@ -180,7 +180,7 @@ def test_run_resumed_after_a_refresh_and_a_reallocation_ends_with_the_same_adapt
     run = assemble(OmegaConf.to_object(compose_config([f"run_dir={stopped}", *options])), stopped)
     run.trainer.callbacks.insert(0, StopAtStep(10))
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    assert run.trainer.global_step == 10 and [r["step"] for r in run.method.refreshes] == [5, 10]
+    assert run.trainer.global_step == 10 and [r["step"] for r in run.method.refresher.refreshes] == [5, 10]
     resumed = train(compose_config([f"run_dir={stopped}", "resume=true", *options]))
 
     expected = load_file(full / "adapter" / "adapter_model.safetensors")

@@ -86,6 +86,7 @@ def test_ranks_and_metrics_equal_hand_computed_values_end_to_end(tmp_path: Path)
     torch.manual_seed(0)
     model = SyntheticModel(SyntheticConfig()).double()
     peft_model = method.prepare(model, calibration_batches())
+    report.write_allocation(method, tmp_path)  # allocation.json, as a run writes it after prepare
 
     hand = hand_metrics()
     s_global, s_topk, s_eff = ([metrics[i] for metrics in hand.values()] for i in range(3))
