@@ -28,7 +28,18 @@ def check_environment(cfg: DictConfig) -> None:
 
 def check_eval_data(cfg: DictConfig) -> None:
     """A causal LM's lm-eval suite: its local files and mirrors read row by row (every label among the
-    choices), and offline its hub datasets cached — before training, not after it."""
+    choices), and offline its hub datasets cached; with ``eval.backend=vllm``, that vLLM can evaluate the
+    run — before training, not after it."""
+    if cfg.eval.backend == "vllm" and cfg.eval.suite != "none":
+        from ctrlora.evaluation.vllm_backend import check_vllm_backend
+
+        model = cfg.model
+        check_vllm_backend(
+            method=cfg.method.name, quantize_4bit=cfg.method.quantize_4bit, task=model.task,
+            use_dora=cfg.method.use_dora or OmegaConf.select(cfg, "method.ctr.compose") == "dora",
+            accelerator=cfg.trainer.accelerator, heads=list(model.modules_to_save),
+            has_source=bool(model.path or model.hub_id or model.builder or model.package_dir),
+        )
     if cfg.model.task == SEQUENCE_CLASSIFICATION or cfg.eval.suite == "none" or not cfg.eval.tasks:
         return  # a classifier is scored on its own test split, checked with the data
     from ctrlora.evaluation.suite import check_eval_inputs  # imports lm-eval: only when a suite runs

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctrlora import report
-from ctrlora.backbones import load_backbone, load_tokenizer
+from ctrlora.backbones import load_backbone, load_tokenizer, resolve_source
 from ctrlora.checkpoints import SignalCheckpoint, latest_checkpoint, resumable_checkpoint
 from ctrlora.config import TrainConfig, validate_config
 from ctrlora.console import phase
@@ -28,7 +28,7 @@ from ctrlora.errors import FAILED_FILE, RunDirError, RunStopped
 from ctrlora.evaluation.base_row import backbone_key
 from ctrlora.evaluation.classification import classifier_eval_section
 from ctrlora.evaluation.sections import task_rows
-from ctrlora.evaluation.suite import evaluate_model
+from ctrlora.evaluation.suite import evaluate_model, evaluate_saved_adapter
 from ctrlora.evaluation.validation import PeriodicValidation, validation_section
 from ctrlora.fsdp import evaluation_model, gather_adapter_state
 from ctrlora.head_warmup import head_warmup_steps, warm_up_head
@@ -228,6 +228,13 @@ def evaluate_test(cfg: TrainConfig, run: RunParts, model: nn.Module) -> dict[str
     if cfg.model.task == SEQUENCE_CLASSIFICATION:
         section = classifier_eval_section(model, run.datamodule, cfg.eval.batch_size, cfg.eval.limit)
         return {**section, "base": run.stats.base_eval} if run.stats.base_eval else section
+    if cfg.eval.backend == "vllm":  # the engine loads its own weights: the trained model leaves the GPU first
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        return evaluate_saved_adapter(
+            cfg.eval, pretrained=resolve_source(cfg.model), adapter_dir=Path(cfg.run_dir) / "adapter",
+            base_model_key=backbone_key(cfg.model, accelerator=cfg.trainer.accelerator),
+        )
     return evaluate_model(
         model, run.tokenizer, cfg.eval,
         base_model_key=backbone_key(cfg.model, accelerator=cfg.trainer.accelerator,

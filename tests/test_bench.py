@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from ctrlora.bench import CONF_DIR, main
 from ctrlora.bench.config import BenchSettings, register_bench_config
+from ctrlora.bench.estimators import marginal_and_fixed
 from ctrlora.bench.suite import compose_train
 from ctrlora.errors import ConfigError
 
@@ -21,7 +22,7 @@ ESTIMATORS = {"activation", "kfac_empirical_dense_grad", "kfac_mc", "hutchinson"
 def test_bench_writes_ratios_curvature_fractions_overhead_and_estimators(tmp_path: Path) -> None:
     summary = main([
         "bench.model=tiny-llama", "bench.methods=[lora,ctrlora]", "bench.steps=3", "bench.warmup=1",
-        "bench.calibration_samples=8", "bench.estimator_batches=1", f"bench.output_dir={tmp_path}",
+        "bench.calibration_samples=16", "bench.estimator_batches=2", f"bench.output_dir={tmp_path}",
     ])
     data = json.loads((tmp_path / "results.json").read_text())
     assert data == json.loads(json.dumps(summary, default=str))
@@ -53,12 +54,22 @@ def test_bench_writes_ratios_curvature_fractions_overhead_and_estimators(tmp_pat
     assert overhead["lightning_median_s"] == lora["step_time"]["median_s"] and overhead["bare_median_s"] > 0
     assert overhead["loss_max_abs_diff"] < 1e-6  # the bare loop ran the very same steps
     assert set(data["estimators"]) == ESTIMATORS
-    for row in data["estimators"].values():
-        assert row["batches"] == 1 and row["per_batch_vs_lora_step"] > 0
+    cpu_step = lora["step_time"]["cpu_median_s"]
+    for row in data["estimators"].values():  # timed on 1 batch and on 2: one more batch, and the fixed rest
+        assert row["batches"] == 2 and row["fixed_s"] is not None  # (a difference of timings: its sign is noise on tiny-llama)
+        assert row["cpu_per_batch_vs_lora_step"] == pytest.approx(row["cpu_per_batch_s"] / cpu_step)
+        spread = row["cpu_fixed_s"] / row["calibration_batches"] + row["cpu_per_batch_s"]
+        assert row["calibration_batches"] == 2 and row["run_per_batch_vs_lora_step"] == pytest.approx(spread / cpu_step)
 
     table = (tmp_path / "results.md").read_text()
     assert "| lora | " in table and " | 1.000 | " in table.split("| lora | ")[1].splitlines()[0]
     assert "| ctrlora | " in table and "Framework overhead" in table and "| hutchinson | " in table
+
+
+def test_an_estimators_time_splits_into_one_more_batch_and_a_fixed_rest() -> None:
+    row = marginal_and_fixed(one=(3.0, 2.0), every=(7.0, 5.0), count=3)  # (wall, CPU) on 1 and on 3 batches
+    assert row == {"per_batch_s": 2.0, "fixed_s": 1.0, "cpu_per_batch_s": 1.5, "cpu_fixed_s": 0.5}
+    assert marginal_and_fixed(one=(3.0, 2.0), every=(3.0, 2.0), count=1)["fixed_s"] is None
 
 
 def test_the_llama2_7b_preset_composes_for_the_gpu() -> None:

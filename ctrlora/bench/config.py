@@ -41,7 +41,7 @@ class BenchSettings:
     calibration_samples: int = 64
     fraction_samples: list[int] = field(default_factory=lambda: [128, 256, 2048])
     estimators: dict[str, EstimatorSpec] = MISSING
-    estimator_batches: int = 2
+    estimator_batches: int = 4
     threads: int | None = 1
     output_dir: str = "bench"
     train_overrides: list[str] = field(default_factory=list)

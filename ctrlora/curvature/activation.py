@@ -59,7 +59,7 @@ def estimate_activation(
             "curvature.kind='activation' is forward only and has no gradient; use kfac or hutchinson"
         )
     sums = OuterProductSums(accumulation_dtype(modules.values()))
-    recorder = TargetRecorder(modules, on_input=sums.add_outer)
+    recorder = TargetRecorder(modules, on_input=sums.add)
     tokens, positions = run_pass(
         model,
         batches,

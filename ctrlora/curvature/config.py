@@ -9,7 +9,7 @@ from ctrlora.errors import ConfigError, check_choice
 KINDS = ("kfac", "hutchinson", "activation")
 FISHER_TYPES = ("empirical", "mc")
 HUTCHINSON_MATRICES = ("hessian", "ggn")
-GRAD_MODES = ("dense", "sketch")
+GRAD_MODES = ("auto", "dense", "sketch")
 
 
 def _check_positive(key: str, value: float | int, allow_zero: bool = False) -> None:
@@ -28,7 +28,8 @@ class CurvatureConfig:
     pi_damping: bool = False  # Martens & Grosse pi-corrected split for Kronecker pairs
     dense_max_dim: int = 4096  # wider factors are stored as top-k eigenpairs + isotropic rest
     factor_rank: int = 256
-    grad_mode: str = "dense"  # dense | sketch (randomized range sketch of the whitened gradient)
+    grad_mode: str = "auto"  # auto | dense | sketch (randomized range sketch of the whitened gradient)
+    dense_grad_max_gb: float = 4.0  # auto: dense while the targets' dense gradients fit in this (1e9 bytes)
     sketch_oversampling: int = 10  # sketch: extra range columns beyond the requested rank
     sketch_power_iters: int = 0  # sketch: power iterations (two more calibration passes each)
     max_factor_gb: float | None = None  # memory cap (1e9 bytes): truncation and layer groups chosen to fit
@@ -48,5 +49,6 @@ class CurvatureConfig:
         _check_positive("factor_rank", self.factor_rank)
         _check_positive("sketch_oversampling", self.sketch_oversampling, allow_zero=True)
         _check_positive("sketch_power_iters", self.sketch_power_iters, allow_zero=True)
+        _check_positive("dense_grad_max_gb", self.dense_grad_max_gb, allow_zero=True)
         if self.max_factor_gb is not None:
             _check_positive("max_factor_gb", self.max_factor_gb)

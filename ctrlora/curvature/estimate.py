@@ -22,7 +22,7 @@ from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.hooks import calibration_mode, resolve_targets
 from ctrlora.curvature.hutchinson import estimate_hutchinson
 from ctrlora.curvature.kfac import estimate_kfac
-from ctrlora.curvature.memory import plan_storage, target_shapes
+from ctrlora.curvature.memory import plan_storage, resolve_grad_mode, target_shapes
 from ctrlora.curvature.objectives import Objective, objective_for
 from ctrlora.curvature.passes import sketch_whitened_gradients
 from ctrlora.curvature.result import CurvatureReport, CurvatureResult
@@ -68,7 +68,8 @@ def estimate_curvature(
         targets: fully-qualified names of `nn.Linear` modules (or PEFT LoRA wrappers of them).
         cfg: the estimator settings; ``cfg.kind`` picks the estimator.
         want_grad: also return the gradient of the mean token loss, dense (``grad_mode: dense``)
-            or as a sketch of its whitened form (``grad_mode: sketch``, needs `sketch_rank`).
+            or as a sketch of its whitened form (``grad_mode: sketch``, needs `sketch_rank`);
+            ``auto`` is dense while every target's dense gradient fits in ``dense_grad_max_gb``.
         sketch_rank: the largest rank a consumer will read from the sketch (e.g. r_max).
         progress: show a rich progress bar over the batches (rank 0).
         objective: how batches become losses; inferred from the first batch when None.
@@ -85,12 +86,16 @@ def estimate_curvature(
         raise ValueError(
             "curvature.kind='activation' is forward only and has no gradient; use kfac or hutchinson"
         )
+    modules = resolve_targets(model, targets)
+    dtype = accumulation_dtype(modules.values())
+    element_bytes = torch.finfo(dtype).bits // 8
+    shapes = target_shapes(model, targets)
+    cfg = resolve_grad_mode(cfg, shapes, element_bytes)
     sketching = want_grad and cfg.grad_mode == "sketch"
     if sketching and (sketch_rank is None or sketch_rank < 1):
         raise ValueError(
             "curvature.grad_mode='sketch' needs sketch_rank ≥ 1 (the largest rank you will read)"
         )
-    modules = resolve_targets(model, targets)
     settings = estimator_settings(cfg, targets=targets, want_grad=want_grad, sketch_rank=sketch_rank)
 
     cache_path = None
@@ -100,10 +105,7 @@ def estimate_curvature(
         if hits == world_size():
             return _on_module_devices(load_cached(cache_path, map_location="cpu"), modules)
 
-    dtype = accumulation_dtype(modules.values())
-    plan = plan_storage(
-        target_shapes(model, targets), cfg, element_bytes=torch.finfo(dtype).bits // 8, want_grad=want_grad
-    )
+    plan = plan_storage(shapes, cfg, element_bytes=element_bytes, want_grad=want_grad)
     passes = len(plan.groups) + (2 + 2 * cfg.sketch_power_iters) * sketching
     batches, first = _peek(batches, passes)
     objective = objective or objective_for(first)

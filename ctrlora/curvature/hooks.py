@@ -151,6 +151,7 @@ class TargetRecorder:
         self.stash_inputs = stash_inputs
         self.input_alias: dict[str, str | None] = {}
         self.mask: Tensor | None = None
+        self._every_position = False
         self._phase = "idle"
         self._job = ""
         self._seen_inputs: dict[int, tuple[weakref.ref, str]] = {}
@@ -170,6 +171,7 @@ class TargetRecorder:
     def forward(self, mask: Tensor) -> Iterator[None]:
         """The model call of one batch; ``mask`` (bool) marks counted tokens, shaped like x without its last dim."""
         self.mask, self._phase, self._seen_inputs = mask.bool(), "forward", {}
+        self._every_position = bool(self.mask.all())  # e.g. packed batches: rows need no gather (a copy)
         try:
             yield
         finally:
@@ -192,7 +194,8 @@ class TargetRecorder:
                 f"target {name!r} sees tensors of shape {tuple(tensor.shape)} but the token mask has shape "
                 f"{tuple(self.mask.shape)}; only layers applied per token can be curvature targets"
             )
-        return tensor.reshape(-1, tensor.shape[-1])[self.mask.reshape(-1).to(tensor.device)]
+        rows = tensor.reshape(-1, tensor.shape[-1])
+        return rows if self._every_position else rows[self.mask.reshape(-1).to(tensor.device)]
 
     def _shared_input_owner(self, name: str, x: Tensor) -> str | None:
         """The earlier target of this forward that received the same tensor object, if any."""

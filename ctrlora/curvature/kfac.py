@@ -35,7 +35,7 @@ from ctrlora.curvature.factors import stored_factor
 from ctrlora.curvature.hooks import TargetRecorder
 from ctrlora.curvature.memory import StoragePlan
 from ctrlora.curvature.objectives import Objective
-from ctrlora.curvature.passes import OuterProductSums, run_pass
+from ctrlora.curvature.passes import CrossProductSums, OuterProductSums, run_pass
 from ctrlora.curvature.result import ModuleCurvature
 from ctrlora.curvature.runtime import accumulation_dtype
 
@@ -54,23 +54,19 @@ def estimate_kfac(
 ) -> dict[str, ModuleCurvature]:
     """S_a, S_g (and dense G) of every target in `modules` from one pass."""
     dtype = accumulation_dtype(modules.values())
-    input_sums, grad_sums, gradient_sums = (
-        OuterProductSums(dtype),
-        OuterProductSums(dtype),
-        OuterProductSums(dtype),
-    )
+    input_sums, grad_sums, gradient_sums = OuterProductSums(dtype), OuterProductSums(dtype), CrossProductSums(dtype)
     fisher_job = "labels" if cfg.fisher == "empirical" else "sampled"
 
     def on_output_grad(name: str, grad: Tensor, inputs: Tensor | None, job: str) -> None:
         if job == fisher_job:
-            grad_sums.add_outer(name, recorder.token_rows(name, grad))
+            grad_sums.add(name, recorder.token_rows(name, grad))
         if job == "labels" and want_dense_grad:
-            gradient_sums.add_cross(
+            gradient_sums.add(
                 name, grad.reshape(-1, grad.shape[-1]), inputs.reshape(-1, inputs.shape[-1])
             )
 
     recorder = TargetRecorder(
-        modules, on_input=input_sums.add_outer, on_output_grad=on_output_grad, stash_inputs=want_dense_grad
+        modules, on_input=input_sums.add, on_output_grad=on_output_grad, stash_inputs=want_dense_grad
     )
     if cfg.fisher == "empirical":
         jobs = ["labels"]

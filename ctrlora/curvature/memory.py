@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -33,6 +35,7 @@ from ctrlora.curvature.hooks import base_linear, find_targets
 from ctrlora.task_types import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 
 GB = 1e9
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DEFAULT_TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -82,6 +85,7 @@ class StoragePlan:
     dense_max_dim: int
     max_factor_gb: float | None
     groups: list[list[str]] = field(default_factory=list)
+    sketch: bool = False  # the gradient is sketched: its passes whiten with damped copies of the factors
 
     def module(self, name: str) -> ModulePlan:
         return next(plan for plan in self.modules if plan.name == name)
@@ -100,6 +104,14 @@ class StoragePlan:
         """Bytes stored besides the factors (raw Hutchinson diagonals, dense gradients)."""
         return self.element_bytes * sum(plan.extra_numel for plan in self.modules)
 
+    def estimation_peak_bytes(self) -> int:
+        """The statistics' peak during an estimate (weights and activations aside): every stored factor
+        and extra, plus the dense accumulators of the largest layer group (one pass's working set) or,
+        when the gradient is sketched and that is larger, the damped factor copies its passes whiten with."""
+        working = {plan.name: plan.working_numel for plan in self.modules}
+        largest_group = self.element_bytes * max((sum(working[name] for name in group) for group in self.groups), default=0)
+        return self.factor_bytes() + self.extra_bytes() + max(largest_group, self.factor_bytes() if self.sketch else 0)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -110,6 +122,7 @@ class StoragePlan:
             "factor_gb": self.factor_bytes() / GB,
             "dense_factor_gb": self.dense_factor_bytes() / GB,
             "extra_gb": self.extra_bytes() / GB,
+            "estimation_peak_gb": self.estimation_peak_bytes() / GB,
             "passes": len(self.groups),
             "modules": [
                 {**asdict(plan), "a": plan.a and plan.a.describe(), "g": plan.g and plan.g.describe()}
@@ -128,7 +141,8 @@ class StoragePlan:
         lines.append(
             f"factors: {self.factor_bytes() / GB:.2f} GB stored (dense: {self.dense_factor_bytes() / GB:.2f} GB), "
             f"factor_rank={self.factor_rank}, dense_max_dim={self.dense_max_dim}, cap={self.max_factor_gb} GB, "
-            f"other stored: {self.extra_bytes() / GB:.2f} GB, passes: {len(self.groups)}"
+            f"other stored: {self.extra_bytes() / GB:.2f} GB, passes: {len(self.groups)}\n"
+            f"estimation peak (statistics, besides weights and activations): {self.estimation_peak_bytes() / GB:.2f} GB"
         )
         return "\n".join(lines)
 
@@ -170,6 +184,18 @@ def _estimation_groups(modules: list[ModulePlan], cap_numel: float | None) -> li
     return groups
 
 
+def resolve_grad_mode(
+    cfg: CurvatureConfig, shapes: Mapping[str, tuple[int, int]], element_bytes: int = 4
+) -> CurvatureConfig:
+    """``grad_mode: auto`` made concrete: ``dense`` while the dense gradients of all targets,
+    ``Σ d_in·d_out`` elements, fit in ``dense_grad_max_gb``, else ``sketch`` (docs/METHODS.md §3: the
+    sketch is for a G that does not fit). Any other mode is returned as it is."""
+    if cfg.grad_mode != "auto":
+        return cfg
+    grad_bytes = element_bytes * sum(d_in * d_out for d_in, d_out in shapes.values())
+    return replace(cfg, grad_mode="dense" if grad_bytes <= cfg.dense_grad_max_gb * GB else "sketch")
+
+
 def plan_storage(
     shapes: dict[str, tuple[int, int]],
     cfg: CurvatureConfig,
@@ -178,7 +204,8 @@ def plan_storage(
     want_grad: bool = False,
 ) -> StoragePlan:
     """Storage plan for targets with (d_in, d_out) `shapes` under `cfg` (see the module docstring)."""
-    dense_grad = want_grad and cfg.grad_mode == "dense"
+    sketch = want_grad and resolve_grad_mode(cfg, shapes, element_bytes).grad_mode == "sketch"
+    dense_grad = want_grad and not sketch
 
     def build(dense_max_dim: int, rank: int) -> list[ModulePlan]:
         return [
@@ -217,6 +244,7 @@ def plan_storage(
         dense_max_dim=dense_max_dim,
         max_factor_gb=cfg.max_factor_gb,
         groups=_estimation_groups(modules, cap_numel),
+        sketch=sketch,
     )
 
 
@@ -257,36 +285,39 @@ def memory_report(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: print the factor memory report of a decoder described by its shape."""
+    """CLI: print the factor memory report of a decoder, named (``--model llama2-7b``: the `arch` of
+    conf/model/<name>.yaml) or described by its shape."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a conf/model name with an `arch` section, e.g. llama2-7b")
     parser.add_argument("--model-type", default="llama")
-    parser.add_argument("--hidden", type=int, required=True)
-    parser.add_argument("--intermediate", type=int, required=True)
-    parser.add_argument("--layers", type=int, required=True)
-    parser.add_argument("--heads", type=int, required=True)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--heads", type=int)
     parser.add_argument("--kv-heads", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--kind", default="kfac")
+    parser.add_argument("--want-grad", action="store_true", help="the gradient too (CTR-LoRA, CG-LoRA)")
+    parser.add_argument("--grad-mode", default=CurvatureConfig.grad_mode)
     parser.add_argument("--dense-max-dim", type=int, default=CurvatureConfig.dense_max_dim)
     parser.add_argument("--factor-rank", type=int, default=CurvatureConfig.factor_rank)
     parser.add_argument("--max-factor-gb", type=float, default=None)
     args = parser.parse_args(argv)
-    config = AutoConfig.for_model(
-        args.model_type,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads or args.heads,
-        vocab_size=args.vocab,
-    )
+    if args.model is not None:
+        config: Any = dict(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml").arch))
+    elif None in (args.hidden, args.intermediate, args.layers, args.heads):
+        parser.error("give --model NAME, or --hidden, --intermediate, --layers and --heads")
+    else:
+        config = AutoConfig.for_model(
+            args.model_type, hidden_size=args.hidden, intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads or args.heads, vocab_size=args.vocab,
+        )
     cfg = CurvatureConfig(
-        kind=args.kind,
-        dense_max_dim=args.dense_max_dim,
-        factor_rank=args.factor_rank,
+        kind=args.kind, grad_mode=args.grad_mode, dense_max_dim=args.dense_max_dim, factor_rank=args.factor_rank,
         max_factor_gb=args.max_factor_gb,
     )
-    print(memory_report(config, cfg).format())
+    print(memory_report(config, cfg, want_grad=args.want_grad).format())
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from ctrlora.curvature.factors import stored_factor
 from ctrlora.curvature.hooks import TargetRecorder
 from ctrlora.curvature.memory import plan_storage, target_shapes
 from ctrlora.curvature.objectives import objective_for
-from ctrlora.curvature.passes import OuterProductSums
+from ctrlora.curvature.passes import CrossProductSums, OuterProductSums
 from ctrlora.curvature.result import CurvatureReport, CurvatureResult, ModuleCurvature
 from ctrlora.curvature.runtime import accumulation_dtype, all_reduce_count, input_device
 
@@ -45,7 +45,8 @@ class TrainingStatistics:
         self.recording = False
 
     def clear(self) -> None:
-        self.inputs, self.grads, self.cross = (OuterProductSums(self.dtype) for _ in range(3))
+        self.inputs, self.grads = OuterProductSums(self.dtype), OuterProductSums(self.dtype)
+        self.cross = CrossProductSums(self.dtype)
         self.tokens = self.positions = 0
         self.scale = 1.0
 
@@ -76,13 +77,13 @@ class TrainingStatistics:
         self.recording = False
 
     def _on_input(self, name: str, rows: Tensor) -> None:
-        self.inputs.add_outer(name, rows)
+        self.inputs.add(name, rows)
 
     def _on_output_grad(self, name: str, grad: Tensor, inputs: Tensor | None, job: str) -> None:
         grad = grad.to(self.dtype) * self.scale
-        self.grads.add_outer(name, self.recorder.token_rows(name, grad))
+        self.grads.add(name, self.recorder.token_rows(name, grad))
         if self.want_grad:
-            self.cross.add_cross(name, grad.reshape(-1, grad.shape[-1]), inputs.reshape(-1, inputs.shape[-1]))
+            self.cross.add(name, grad.reshape(-1, grad.shape[-1]), inputs.reshape(-1, inputs.shape[-1]))
 
     def result(self) -> CurvatureResult:
         """The factors of the window so far (raw, like an estimate), then cleared."""

@@ -39,20 +39,20 @@ class TokenCounts(NamedTuple):
     positions: int
 
 
-class OuterProductSums:
-    """Per-target running sums ``Σ_t v_t v_tᵀ`` (and optionally ``Σ_t g_t x_tᵀ``) in a fixed dtype."""
+def symmetric_blocks(dim: int) -> list[slice]:
+    """Column blocks of a ``dim``-wide Gram sum: 1 below 512, 2 below 2048, else 4. Only the blocks on and
+    above the diagonal are multiplied, which saves ``(k−1)/2k`` of the flops (25% at k = 2, 37.5% at k = 4)."""
+    count = 1 if dim < 512 else 2 if dim < 2048 else 4
+    edges = [dim * index // count for index in range(count + 1)]
+    return [slice(low, high) for low, high in zip(edges, edges[1:], strict=False)]
+
+
+class ProductSums:
+    """Per-target running sums of matrix products in a fixed dtype; `means` sums across ranks and divides."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.sums: dict[str, Tensor] = {}
-
-    def add_outer(self, name: str, rows: Tensor) -> None:
-        rows = rows.to(self.dtype)
-        self._add(name, rows.T, rows)
-
-    def add_cross(self, name: str, left_rows: Tensor, right_rows: Tensor) -> None:
-        """Add ``Σ_t l_t r_tᵀ`` over the rows of both matrices."""
-        self._add(name, left_rows.to(self.dtype).T, right_rows.to(self.dtype))
 
     def _add(self, name: str, left: Tensor, right: Tensor) -> None:
         if name in self.sums:
@@ -61,9 +61,47 @@ class OuterProductSums:
             self.sums[name] = left @ right
 
     def means(self, count: int) -> dict[str, Tensor]:
-        """Sum across ranks, then divide by `count`."""
+        """Sum across ranks, then divide by `count` (in place: the sums are spent)."""
         all_reduce_sum_(self.sums.values())
-        return {name: total / count for name, total in self.sums.items()}
+        return {name: total.div_(count) for name, total in self.sums.items()}
+
+
+class CrossProductSums(ProductSums):
+    """``Σ_t l_t r_tᵀ`` per target (the gradient ``G`` from output gradients and inputs)."""
+
+    def add(self, name: str, left_rows: Tensor, right_rows: Tensor) -> None:
+        """Add ``Σ_t l_t r_tᵀ`` over the rows of both matrices."""
+        self._add(name, left_rows.to(self.dtype).T, right_rows.to(self.dtype))
+
+
+class OuterProductSums(ProductSums):
+    """``Σ_t v_t v_tᵀ`` per target, computed block-upper-triangular (`symmetric_blocks`) and mirrored by `means`.
+
+    `sums` holds the blocks on and above the diagonal (the rest is zero until `means`), so a saved
+    window restores as it was.
+    """
+
+    def add(self, name: str, rows: Tensor) -> None:
+        rows = rows.to(self.dtype)
+        blocks = symmetric_blocks(rows.shape[1])
+        if len(blocks) == 1:
+            self._add(name, rows.T, rows)
+            return
+        if name not in self.sums:
+            self.sums[name] = rows.new_zeros(rows.shape[1], rows.shape[1])
+        total = self.sums[name]
+        for index, row_block in enumerate(blocks):
+            for column_block in blocks[index:]:
+                total[row_block, column_block].addmm_(rows[:, row_block].T, rows[:, column_block])
+
+    def means(self, count: int) -> dict[str, Tensor]:
+        means = super().means(count)
+        for mean in means.values():
+            blocks = symmetric_blocks(mean.shape[1])
+            for index, row_block in enumerate(blocks):
+                for column_block in blocks[index + 1 :]:
+                    mean[column_block, row_block] = mean[row_block, column_block].T
+        return means
 
 
 def run_pass(

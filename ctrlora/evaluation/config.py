@@ -10,9 +10,12 @@ file instead (the bundled quotation-topic task of `eval=local`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from ctrlora.errors import ConfigError
+from ctrlora.errors import ConfigError, check_choice
 from ctrlora.task_types import SEQUENCE_CLASSIFICATION
+
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -59,6 +62,11 @@ class EvalConfig:
     val_metric: str = "auto"  # what train.py returns to a sweeper: auto (accuracy | loss) | loss | accuracy | macro_f1 | mcc
     val_every_n_steps: int | None = None  # also score validation during training (metrics.csv: val/...)
     cache_dir: str | None = None  # base rows and generated task YAMLs; null: the caller's cache root
+    backend: str = "hf"  # hf: lm-eval's HFLM on the in-memory model | vllm: lm-eval's vLLM on the saved adapter
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # backend=vllm: more VLLM(...) arguments
+
+    def __post_init__(self) -> None:
+        check_choice("eval.backend", self.backend, BACKENDS)
 
 
 CLASSIFIER_METRICS = ("accuracy", "macro_f1", "mcc")

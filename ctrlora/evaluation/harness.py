@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from typing import Any
@@ -53,10 +53,16 @@ def seed_arguments(seed: int | None) -> dict[str, int]:
     }
 
 
-def run_tasks(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, tasks: SuiteTasks
-) -> tuple[Row, dict[str, Any]]:
-    """Evaluate `model` on every task of `cfg`; returns (row, versions).
+LanguageModels = Callable[[int], Any]  # batch size -> an lm-eval LM
+
+
+def hf_models(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig) -> LanguageModels:
+    """lm-eval's HFLM on the in-memory `model`, one per batch size (``eval.backend=hf``)."""
+    return lambda batch_size: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=cfg.max_length)
+
+
+def run_tasks(models: LanguageModels, cfg: EvalConfig, tasks: SuiteTasks) -> tuple[Row, dict[str, Any]]:
+    """Evaluate the LM ``models(batch_size)`` gives on every task of `cfg`; returns (row, versions).
 
     Tasks that share a limit and a batch size run in one ``simple_evaluate`` call. ``versions``
     records the harness version and, per task, lm-eval's task version, the shots used, the
@@ -70,7 +76,7 @@ def run_tasks(
     row: Row = {}
     versions: dict[str, Any] = {"lm_eval": harness_version(), "tasks": {}, "num_fewshot": {}, "samples": {}, "limit": {}}
     for (limit, batch_size), names in batches.items():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=cfg.max_length)
+        lm = models(batch_size)
         with truncations_counted(names, lm.max_length):
             output = simple_evaluate(
                 model=lm,

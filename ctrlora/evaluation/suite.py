@@ -16,9 +16,15 @@ from ctrlora import backbones
 from ctrlora.errors import ConfigError
 from ctrlora.evaluation.base_row import cached_base_row
 from ctrlora.evaluation.config import EvalConfig
-from ctrlora.evaluation.harness import Row, run_tasks
+from ctrlora.evaluation.harness import Row, hf_models, run_tasks
 from ctrlora.evaluation.sections import RESERVED_KEYS
 from ctrlora.evaluation.tasks import SuiteTasks, dataset_cached, hub_datasets, task_configs, write_task_yamls
+from ctrlora.evaluation.vllm_backend import (
+    uniform_rank_adapter,
+    vllm_factory,
+    vllm_model_args,
+    without_adapter,
+)
 
 BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")  # PEFT inits that rewrite the base weights
 
@@ -51,7 +57,7 @@ def evaluate_model(
     tasks = prepare(cfg, cache_root)
     was_training = model.training
     try:
-        row, versions = run_tasks(model, tokenizer, cfg, tasks)
+        row, versions = run_tasks(hf_models(model, tokenizer, cfg), cfg, tasks)
         section: dict[str, Any] = dict(row)
         if cfg.base_row:
             section["base"], _ = cached_base_row(
@@ -84,7 +90,7 @@ def evaluate_backbone(
         tasks,
         base_model_key=base_model_key,
         cache_root=cache_root_of(cfg, cache_root),
-        compute=lambda: run_tasks(model, tokenizer, cfg, tasks),
+        compute=lambda: run_tasks(hf_models(model, tokenizer, cfg), cfg, tasks),
     )
     return {**row, "versions": {**versions, "suite": cfg.suite, "task_dir": str(tasks.directory)}}
 
@@ -148,6 +154,30 @@ def base_model_row(
 ) -> tuple[Row, dict[str, Any]]:
     """The suite on the backbone: a freshly loaded one, or `model` with its adapters disabled."""
     if base_model is not None:
-        return run_tasks(base_model(), tokenizer, cfg, tasks)
+        return run_tasks(hf_models(base_model(), tokenizer, cfg), cfg, tasks)
     with model.disable_adapter():
-        return run_tasks(model, tokenizer, cfg, tasks)
+        return run_tasks(hf_models(model, tokenizer, cfg), cfg, tasks)
+
+
+def evaluate_saved_adapter(
+    cfg: EvalConfig, *, pretrained: str, adapter_dir: Path, base_model_key: str, cache_root: Path | None = None
+) -> dict[str, Any]:
+    """The ``eval`` section through vLLM (``eval.backend=vllm``): the base weights at `pretrained` plus the
+    adapter saved in `adapter_dir`, rewritten at one rank beside it (`vllm_backend.uniform_rank_adapter`).
+    The base row comes from the same engine with no adapter in its requests, cached like HFLM's (keyed
+    by the backend too: the two engines' numerics differ in the last digits)."""
+    if not cfg.tasks:
+        return {}
+    tasks = prepare(cfg, cache_root)
+    uniform = adapter_dir.with_name(adapter_dir.name + "_vllm")
+    rank = uniform_rank_adapter(adapter_dir, uniform)
+    models = vllm_factory(vllm_model_args(cfg, pretrained, uniform, rank))
+    row, versions = run_tasks(models, cfg, tasks)
+    section: dict[str, Any] = dict(row)
+    if cfg.base_row:
+        section["base"], _ = cached_base_row(
+            cfg, tasks, base_model_key=f"{base_model_key}+vllm", cache_root=cache_root_of(cfg, cache_root),
+            compute=lambda: run_tasks(without_adapter(models), cfg, tasks),
+        )
+    section["versions"] = {**versions, "suite": cfg.suite, "task_dir": str(tasks.directory), "backend": "vllm"}
+    return section

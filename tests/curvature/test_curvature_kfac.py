@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.estimate import estimate_curvature
+from ctrlora.curvature.passes import OuterProductSums, symmetric_blocks
 
 from .helpers import assert_close, collate, sequences, targets_of, tiny_llama, tiny_llama_classifier
 
@@ -257,3 +258,15 @@ def test_tokens_per_loss_term_converts_the_mean_token_loss_to_the_training_loss(
     assert tokens_per_loss_term([classification, classification], torch.device("cpu")) == 5 / 2
     causal = {**classification, "labels": torch.tensor([[1, 2, 3, -100], [-100, 4, -100, -100]])}
     assert tokens_per_loss_term([causal], torch.device("cpu")) == 1.0
+
+
+@pytest.mark.parametrize("dim", [300, 600, 2100])  # one block, two blocks, four blocks
+def test_gram_sums_from_upper_blocks_equal_the_full_products(dim):
+    generator = torch.Generator().manual_seed(dim)
+    batches = [torch.randn(37, dim, dtype=torch.float64, generator=generator) for _ in range(2)]
+    sums = OuterProductSums(torch.float64)
+    for rows in batches:
+        sums.add("layer", rows)
+    stacked = torch.cat(batches)
+    assert len(symmetric_blocks(dim)) == {300: 1, 600: 2, 2100: 4}[dim]
+    assert_close(sums.means(74)["layer"], stacked.T @ stacked / 74, EXACT)

@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.estimate import estimate_curvature
 from ctrlora.curvature.factors import DenseFactor, LowRankFactor
-from ctrlora.curvature.memory import GB, main, memory_report, plan_storage, target_shapes
+from ctrlora.curvature.memory import GB, main, memory_report, plan_storage, resolve_grad_mode, target_shapes
 
 from .helpers import assert_close, lm_batches, targets_of, tiny_llama
 
@@ -149,3 +149,35 @@ def test_estimation_in_layer_groups_under_a_cap_matches_one_pass():
             assert type(getattr(result[name], side)) is type(expected)
             assert_close(getattr(result[name], side).dense(), expected.dense(), 1e-10)
         assert_close(result[name].grad, reference[name].grad, 1e-12)
+
+
+def test_grad_mode_auto_keeps_g_dense_while_it_fits_and_sketches_above():
+    shapes = {"a": (1000, 2000), "b": (500, 1000)}  # 2.5M elements: 10 MB in fp32, 20 MB in fp64
+    auto = CurvatureConfig(dense_grad_max_gb=0.015)
+    assert resolve_grad_mode(auto, shapes, element_bytes=4).grad_mode == "dense"
+    assert resolve_grad_mode(auto, shapes, element_bytes=8).grad_mode == "sketch"
+    assert resolve_grad_mode(CurvatureConfig(grad_mode="dense", dense_grad_max_gb=0), shapes).grad_mode == "dense"
+    dense, sketched = (plan_storage(shapes, auto, element_bytes=size, want_grad=True) for size in (4, 8))
+    assert dense.extra_bytes() == 4 * 2_500_000 and not dense.sketch  # G is stored
+    assert sketched.extra_bytes() == 0 and sketched.sketch
+
+
+@pytest.mark.parametrize("shape", [LLAMA2_7B, LLAMA31_8B], ids=["llama2-7b", "llama3.1-8b"])
+def test_the_estimation_peak_is_the_factors_plus_the_largest_group_and_a_7b_gradient_is_sketched(shape):
+    uncapped = memory_report(llama_config(shape), CurvatureConfig(), want_grad=True)
+    assert uncapped.sketch and uncapped.extra_bytes() == 0  # ~26 GB of dense G is over dense_grad_max_gb
+    accumulators = 4 * sum(module.working_numel for module in uncapped.modules)
+    assert accumulators == uncapped.dense_factor_bytes()  # with G sketched: S_a and S_g of every target
+    assert uncapped.estimation_peak_bytes() == uncapped.factor_bytes() + accumulators
+    capped = memory_report(llama_config(shape), CurvatureConfig(max_factor_gb=8), want_grad=True)
+    largest = max(sum(capped.module(name).working_numel for name in group) for group in capped.groups)
+    assert 4 * largest <= 8 * GB and len(capped.groups) > 1
+    assert capped.estimation_peak_bytes() == capped.factor_bytes() + max(4 * largest, capped.factor_bytes())
+
+
+def test_the_cli_reads_a_model_presets_arch(capsys):
+    main(["--model", "llama2-7b", "--want-grad", "--max-factor-gb", "8"])
+    printed = capsys.readouterr().out
+    plan = memory_report(llama_config(LLAMA2_7B), CurvatureConfig(max_factor_gb=8), want_grad=True)
+    assert f"estimation peak (statistics, besides weights and activations): {plan.estimation_peak_bytes() / GB:.2f} GB" in printed
+    assert "model.layers.31.mlp.down_proj" in printed

@@ -18,12 +18,12 @@ def test_base_row_is_computed_once_then_read_from_the_cache(tiny, tmp_path: Path
     _, tokenizer, backbone = tiny
     calls: list[bool] = []
 
-    def counting_run_tasks(model, *args, **kwargs):
+    def counting_hf_models(model, *args, **kwargs):
         calls.append(model._adapters_disabled)  # True: evaluated as the backbone
-        return real_run_tasks(model, *args, **kwargs)
+        return real_hf_models(model, *args, **kwargs)
 
-    real_run_tasks = suite.run_tasks
-    monkeypatch.setattr(suite, "run_tasks", counting_run_tasks)
+    real_hf_models = suite.hf_models
+    monkeypatch.setattr(suite, "hf_models", counting_hf_models)
     cfg = train_config(["eval=local", "eval.limit=4", "eval.max_length=64"], tmp_path)
     model = random_lora(backbone)
 
