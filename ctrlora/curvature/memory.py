@@ -105,7 +105,7 @@ class StoragePlan:
         return self.element_bytes * sum(plan.extra_numel for plan in self.modules)
 
     def estimation_peak_bytes(self) -> int:
-        """The statistics' peak during an estimate (weights and activations aside): every stored factor
+        """A bound on the statistics' peak during an estimate (weights and activations aside): every stored factor
         and extra, plus the dense accumulators of the largest layer group (one pass's working set) or,
         when the gradient is sketched and that is larger, the damped factor copies its passes whiten with."""
         working = {plan.name: plan.working_numel for plan in self.modules}
