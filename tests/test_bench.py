@@ -22,7 +22,7 @@ ESTIMATORS = {"activation", "kfac_empirical_dense_grad", "kfac_mc", "hutchinson"
 def test_bench_writes_ratios_curvature_fractions_overhead_and_estimators(tmp_path: Path) -> None:
     summary = main([
         "bench.model=tiny-llama", "bench.methods=[lora,ctrlora]", "bench.steps=3", "bench.warmup=1",
-        "bench.calibration_samples=16", "bench.estimator_batches=2", f"bench.output_dir={tmp_path}",
+        "bench.calibration_samples=16", "bench.estimator_batches=2", "bench.eval_limit=8", f"bench.output_dir={tmp_path}",
     ])
     data = json.loads((tmp_path / "results.json").read_text())
     assert data == json.loads(json.dumps(summary, default=str))
@@ -61,7 +61,13 @@ def test_bench_writes_ratios_curvature_fractions_overhead_and_estimators(tmp_pat
         spread = row["cpu_fixed_s"] / row["calibration_batches"] + row["cpu_per_batch_s"]
         assert row["calibration_batches"] == 2 and row["run_per_batch_vs_lora_step"] == pytest.approx(spread / cpu_step)
 
+    evaluation = data["evaluation"]  # the same adapter, task YAMLs and limit: the same scores
+    assert evaluation["limit"] == 8 and evaluation["tasks"] == ["fortune_topics"]
+    score = evaluation["accuracy"]["fortune_topics"]
+    assert score["ours"] == pytest.approx(score["lm_eval_cli"], abs=1e-9)
+
     table = (tmp_path / "results.md").read_text()
+    assert "Evaluation (8 documents of fortune_topics, one LoRA adapter)" in table
     assert "| lora | " in table and " | 1.000 | " in table.split("| lora | ")[1].splitlines()[0]
     assert "| ctrlora | " in table and "Framework overhead" in table and "| hutchinson | " in table
 

@@ -43,6 +43,7 @@ class BenchSettings:
     estimators: dict[str, EstimatorSpec] = MISSING
     estimator_batches: int = 4
     threads: int | None = 1
+    eval_limit: int = 200  # documents of the local task in the evaluation line (ours vs lm-eval's CLI); 0: none
     output_dir: str = "bench"
     train_overrides: list[str] = field(default_factory=list)
 
@@ -83,8 +84,8 @@ class BenchSettings:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"bench.{key}={value} must be >= 1")
-        if self.warmup < 0:
-            raise ConfigError(f"bench.warmup={self.warmup} must be >= 0")
+        if self.warmup < 0 or self.eval_limit < 0:
+            raise ConfigError(f"bench.warmup={self.warmup} and bench.eval_limit={self.eval_limit} must be >= 0")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"bench.threads={self.threads} must be >= 1 (or null for torch's default)")
         if any(spec.batches is not None and spec.batches < 1 for spec in self.estimators.values()):

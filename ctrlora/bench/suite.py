@@ -20,6 +20,7 @@ from rich.markdown import Markdown
 from ctrlora import report
 from ctrlora.bench.config import REFERENCE_METHOD, BenchSettings
 from ctrlora.bench.estimators import time_estimators
+from ctrlora.bench.evaluation import time_evaluation
 from ctrlora.bench.probes import MemoryProbe
 from ctrlora.bench.runs import bare_lora_steps, load_average, measure_method
 from ctrlora.bench.summary import markdown, summarise
@@ -95,6 +96,10 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         estimators = time_estimators(
             run_config(REFERENCE_METHOD, "estimators"), settings.estimators, settings.estimator_batches, probe
         )
+        evaluation = None
+        if settings.eval_limit:
+            console.print(f"[bold]bench[/] evaluation: the local task ({settings.eval_limit} documents), ours vs lm-eval's CLI")
+            evaluation = time_evaluation(run_config(REFERENCE_METHOD, "evaluation"), settings.eval_limit, Path(workdir))
     methods = {name: methods[name] for name in settings.methods}
     for measured in methods.values():
         measured["results"]["run"].pop("run_dir", None)  # a temporary dir, gone by now
@@ -117,6 +122,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         },
         "defaults": defaults,
         **summary,
+        "evaluation": evaluation,
     }
     write_outputs(Path(settings.output_dir), summary)
     return summary

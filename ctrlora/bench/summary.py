@@ -196,4 +196,16 @@ def markdown(summary: dict[str, Any]) -> str:
             f" {_optional(row['run_per_batch_vs_lora_step'], '.2f')} ({row['calibration_batches']} batches) |"
             f" {row['batches']} | {row['tokens_per_batch']:.0f} | {row['peak_memory_bytes'] / MIB:.0f} |"
         )
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        scores = "; ".join(
+            f"{task} accuracy {score['ours']:.4f} (ours) vs {score['lm_eval_cli']:.4f} (CLI)"
+            for task, score in evaluation["accuracy"].items()
+        )
+        lines += [
+            "",
+            f"Evaluation ({evaluation['limit']} documents of {', '.join(evaluation['tasks'])}, one LoRA adapter):"
+            f" ours {evaluation['ours_s']:.1f} s, lm-eval's CLI {evaluation['lm_eval_cli_s']:.1f} s (process start,"
+            f" task index and model load included), {evaluation['ours_vs_cli']:.2f}×; {scores}.",
+        ]
     return "\n".join(lines) + "\n"
