@@ -3,8 +3,8 @@
 Both score the same LoRA adapter on the bench model, the same generated task YAMLs, the same limit
 and batch size: ours through `evaluation.suite.evaluate_model` (lm-eval's HFLM on the model in
 memory, no base row), the CLI as a user runs it (``python -m lm_eval run --model hf --model_args
-pretrained=<backbone> peft=<adapter>``, process start and model load included). The line reports both
-wall times and both scores, which must agree.
+pretrained=<backbone> peft=<adapter>``, process start and model load included, with as many torch
+threads as ours). The line reports both wall times and both scores, which must agree.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def time_evaluation(train_config: Callable[[list[str]], TrainConfig], limit: int
         "--output_path", str(workdir / "lm_eval_cli"),
     ]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads()), "TOKENIZERS_PARALLELISM": "false"}  # as ours
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **threads})
     if done.returncode != 0:
         raise RuntimeError(f"lm-eval's CLI failed ({done.returncode}): {done.stderr[-2000:]}")
     cli_s = time.perf_counter() - start
