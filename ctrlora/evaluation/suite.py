@@ -69,7 +69,7 @@ def evaluate_model(
             )
     finally:
         model.train(was_training)
-    section["versions"] = {**versions, "suite": cfg.suite, "task_dir": str(tasks.directory)}
+    section["versions"] = suite_versions(versions, cfg, tasks)
     return section
 
 
@@ -92,7 +92,12 @@ def evaluate_backbone(
         cache_root=cache_root_of(cfg, cache_root),
         compute=lambda: run_tasks(hf_models(model, tokenizer, cfg), cfg, tasks),
     )
-    return {**row, "versions": {**versions, "suite": cfg.suite, "task_dir": str(tasks.directory)}}
+    return {**row, "versions": suite_versions(versions, cfg, tasks)}
+
+
+def suite_versions(versions: dict[str, Any], cfg: EvalConfig, tasks: SuiteTasks) -> dict[str, Any]:
+    """The section's ``versions``: lm-eval's, plus the suite, the generated task folder and the backend."""
+    return {**versions, "suite": cfg.suite, "task_dir": str(tasks.directory), "backend": cfg.backend}
 
 
 def cache_root_of(cfg: EvalConfig, cache_root: Path | None) -> Path:
@@ -179,5 +184,5 @@ def evaluate_saved_adapter(
             cfg, tasks, base_model_key=f"{base_model_key}+vllm", cache_root=cache_root_of(cfg, cache_root),
             compute=lambda: run_tasks(without_adapter(models), cfg, tasks),
         )
-    section["versions"] = {**versions, "suite": cfg.suite, "task_dir": str(tasks.directory), "backend": "vllm"}
+    section["versions"] = suite_versions(versions, cfg, tasks)
     return section
