@@ -39,9 +39,8 @@ def run_name(cfg: TrainConfig) -> str:
     return f"{cfg.model.name}-{cfg.method.name}-{cfg.data.name}-s{cfg.seed}"
 
 
-def config_hash(cfg: TrainConfig) -> str:
-    """The experiment's identity: sha256 of the resolved config without `NON_SEMANTIC_KEYS` (dotted
-    paths), so the same experiment logged elsewhere, checkpointed more often or resumed hashes the same."""
+def semantic_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config without `NON_SEMANTIC_KEYS` (dotted paths): what the run computes."""
     container = asdict(cfg)
     for key in NON_SEMANTIC_KEYS:
         *parents, leaf = key.split(".")
@@ -49,7 +48,25 @@ def config_hash(cfg: TrainConfig) -> str:
         for parent in parents:
             section = section[parent]
         section.pop(leaf)
-    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return container
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """The experiment's identity: sha256 of `semantic_config`, so the same experiment logged elsewhere,
+    checkpointed more often or resumed hashes the same."""
+    return hashlib.sha256(json.dumps(semantic_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def changed_keys(before: TrainConfig, after: TrainConfig) -> list[str]:
+    """The dotted keys whose value in `semantic_config` differs between two configs (or is in one only)."""
+
+    def flat(prefix: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict) or not value:
+            return {prefix: value}
+        return {key: item for name, child in value.items() for key, item in flat(f"{prefix}{name}.", child).items()}
+
+    old, new = flat("", semantic_config(before)), flat("", semantic_config(after))
+    return sorted(key.rstrip(".") for key in old.keys() | new.keys() if old.get(key, KeyError) != new.get(key, KeyError))
 
 
 def git_sha() -> str | None:

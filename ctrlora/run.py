@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ctrlora import report
 from ctrlora.backbones import load_backbone, load_tokenizer, resolve_source
 from ctrlora.checkpoints import SignalCheckpoint, latest_checkpoint, resumable_checkpoint
-from ctrlora.config import TrainConfig, validate_config
+from ctrlora.config import TrainConfig, load_train_config, validate_config
 from ctrlora.console import phase
 from ctrlora.data.datamodule import FinetuneDataModule
 from ctrlora.environment import check_environment
@@ -67,8 +67,29 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
             f"run_dir={run_dir} holds checkpoints of an unfinished run. Pass resume=true to continue it,"
             " or overwrite=true to start again."
         )
+    elif finished or unfinished:
+        check_same_experiment(cfg, run_dir, finished)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, finished
+
+
+def check_same_experiment(cfg: TrainConfig, run_dir: Path, finished: bool) -> None:
+    """Refuse to resume a run dir whose saved config.yaml trains something else, or to return a finished
+    run as the result of other settings; the changed keys are named. Keys of `report.NON_SEMANTIC_KEYS`
+    may change, and so may ``eval.*`` while training is unfinished (evaluation comes at its end)."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    changed = [key for key in report.changed_keys(load_train_config(saved), cfg)
+               if finished or not key.startswith("eval.")]
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        evaluate = f" (to evaluate it again: python evaluate.py run_dir={run_dir} eval=...)" if finished else ""
+        raise RunDirError(
+            f"run_dir={run_dir} holds a run with other settings ({saved}; changed: {shown}). resume=true"
+            f" continues only the same experiment{evaluate}: pass overwrite=true to start again, or choose"
+            " another run_dir."
+        )
 
 
 class AdapterSetup(L.Callback):
@@ -110,9 +131,7 @@ class AdapterSetup(L.Callback):
             # random state kept: iterating a DataLoader draws from it, and the adapters' init follows
             cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with phase("scoring the base model (before adaptation) on the test split"), torch.random.fork_rng(cuda):
-                self.stats.base_eval = task_rows(classifier_eval_section(
-                    backbone, self.datamodule, self.cfg.eval.batch_size, self.cfg.eval.limit
-                ))
+                self.stats.base_eval = task_rows(classifier_eval_section(backbone, self.datamodule, self.cfg.eval))
         calibration = None
         if self.method.needs_calibration:
             calibration = self.datamodule.calibration_dataloader(world_size, rank)
@@ -196,7 +215,7 @@ def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
     loggers = build_loggers(cfg.logger, run_dir, report.run_name(cfg), asdict(cfg))
     callbacks = [adapters, stats, SignalCheckpoint(run_dir / "checkpoints"), *method.callbacks()]
     if cfg.eval.val_every_n_steps:
-        callbacks.append(PeriodicValidation(datamodule, cfg.eval.val_every_n_steps, cfg.eval.batch_size))
+        callbacks.append(PeriodicValidation(datamodule, cfg.eval.val_every_n_steps, cfg.eval))
     trainer = build_trainer(cfg.trainer, loggers, callbacks, run_dir)
     in_fit = trainer.world_size > 1 and method.shards_calibration
     model = backbone if in_fit else adapters.prepare(backbone, trainer)
@@ -216,7 +235,7 @@ def evaluate_run(cfg: TrainConfig, run: RunParts) -> tuple[dict[str, Any] | None
                               quantize_4bit=cfg.method.quantize_4bit, num_labels=num_labels),
     )
     with phase("validation"):
-        val = validation_section(model, run.datamodule, cfg.eval.batch_size)
+        val = validation_section(model, run.datamodule, cfg.eval)
     with phase(f"test evaluation (eval={cfg.eval.suite})"):
         return val, evaluate_test(cfg, run, model)
 
@@ -226,7 +245,7 @@ def evaluate_test(cfg: TrainConfig, run: RunParts, model: nn.Module) -> dict[str
     if cfg.eval.suite == "none":
         return {}
     if cfg.model.task == SEQUENCE_CLASSIFICATION:
-        section = classifier_eval_section(model, run.datamodule, cfg.eval.batch_size, cfg.eval.limit)
+        section = classifier_eval_section(model, run.datamodule, cfg.eval)
         return {**section, "base": run.stats.base_eval} if run.stats.base_eval else section
     if cfg.eval.backend == "vllm":  # the engine loads its own weights: the trained model leaves the GPU first
         model.to("cpu")

@@ -18,9 +18,10 @@ order and all of a variant's tasks before the next variant:
 Every command runs with ``resume=true`` and the local launcher (one process per run), so running
 the study again skips finished runs and continues a cut-off one from its checkpoint, and the seeded
 TPE proposes the same trials again (the finished ones return their stored objective); a pair whose
-record in study.json has no error and whose seed runs all wrote results.json is not entered again.
-``--jobs``
-(variant, task) pairs run at once, each with ``OMP_NUM_THREADS`` = cores / jobs. Each pair's output
+record in study.json has no error, the study's trial count and seed runs that all wrote results.json
+is not entered again. Raising ``trials`` continues every sweep where it stopped; where the larger
+budget selects other settings, the old seed runs move to ``OUT/superseded/<task>/<variant>/`` and
+the seeds run again. ``--jobs`` (variant, task) pairs run at once, each with ``OMP_NUM_THREADS`` = cores / jobs. Each pair's output
 goes to ``OUT/logs/<task>-<variant>.log``; ``OUT/study.json`` records the selections and the wall
 time of every step.
 """
@@ -95,11 +96,26 @@ def seeds_command(study: Study, task: str, variant: str, selected: list[str]) ->
 
 
 def pair_finished(study: Study, record: dict[str, Any] | None) -> bool:
-    """Whether an earlier invocation finished this pair: recorded without error, every seed run scored."""
-    if record is None or "error" in record:
+    """Whether an earlier invocation finished this pair: recorded without error after the study's
+    whole trial budget (a raised ``trials`` continues the sweep), every seed run scored."""
+    if record is None or "error" in record or record.get("trials") != study.trials:
         return False
     seeds_dir = study.out / "seeds" / record["task"] / record["variant"]
     return all((seeds_dir / f"seed={seed}" / "results.json").exists() for seed in study.seeds)
+
+
+def set_aside_other_settings(study: Study, task: str, variant: str, selected: list[str]) -> Path | None:
+    """Move the pair's seed runs made at settings other than `selected` (chosen by an earlier, smaller
+    trial budget) to ``OUT/superseded/<task>/<variant>/<time>``, out of the table's way; that folder."""
+    seeds_dir = study.out / "seeds" / task / variant
+    ran = [yaml.safe_load(path.read_text()) for path in seeds_dir.glob("seed=*/.hydra/overrides.yaml")]
+    own = ("seed=", "resume=")
+    if all({item for item in overrides if not item.startswith(own)} == set(selected) for overrides in ran):
+        return None
+    target = study.out / "superseded" / task / variant / time.strftime("%Y%m%dT%H%M%S")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    seeds_dir.rename(target)
+    return target
 
 
 def run_pair(study: Study, task: str, variant: str, env: dict[str, str], root: Path) -> dict[str, Any]:
@@ -117,6 +133,8 @@ def run_pair(study: Study, task: str, variant: str, env: dict[str, str], root: P
         ((trial, count),) = best.values()
         selected = seed_run_overrides(trial)
         record.update(best_run=str(trial.run_dir), trials=count, val_metric=trial.metric, val=trial.value, overrides=selected)
+        if superseded := set_aside_other_settings(study, task, variant, selected):
+            record["superseded"] = str(superseded)
         start = time.perf_counter()
         seeded = subprocess.run(seeds_command(study, task, variant, selected), cwd=root, env=env, stdout=log, stderr=log)
         record["seeds_s"] = round(time.perf_counter() - start, 1)

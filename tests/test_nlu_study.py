@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from ctrlora.study import load_study
+from ctrlora.study import load_study, pair_finished, set_aside_other_settings
 
 
 def test_the_study_tunes_every_method_and_ctr_ablation_on_both_tasks_with_one_budget() -> None:
@@ -105,3 +106,13 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
     subprocess.run(limited, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     assert json.loads((head_only_dir / "results.json").read_text())["eval"]["fortune_topics"] == again
     assert json.loads((head_only_dir / "eval_limited.json").read_text())["versions"]["samples"]["fortune_topics"] == 8
+
+    # a larger trial budget re-enters every pair; where it selects other settings, the old seed runs move aside
+    bigger = replace(load_study(study), trials=3)
+    assert not pair_finished(bigger, pairs["head_only"]) and pair_finished(load_study(study), pairs["head_only"])
+    selected = pairs["head_only"]["overrides"]
+    assert set_aside_other_settings(bigger, "fortune_topics", "head_only", selected) is None  # the same settings
+    other = [item if not item.startswith("optim.lr=") else "optim.lr=0.5" for item in selected]
+    moved = set_aside_other_settings(bigger, "fortune_topics", "head_only", other)
+    assert moved is not None and moved.parent == tmp_path / "runs" / "superseded" / "fortune_topics" / "head_only"
+    assert (moved / "seed=1" / "results.json").exists() and not head_only_dir.exists()

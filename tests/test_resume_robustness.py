@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_kill_resume import STEPS, killed_attempt, single_thread  # noqa: F401  (a fixture)
 
 from ctrlora.checkpoints import SignalCheckpoint, checkpoint_step
-from ctrlora.errors import RunStopped
+from ctrlora.errors import RunDirError, RunStopped
 from ctrlora.lit import FinetuneModule
 from ctrlora.run import train
 
@@ -111,3 +111,14 @@ def test_a_stopped_slurm_job_is_requeued_by_scontrol_or_by_submitits_own_handler
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert calls.read_text() == "requeue 4242\n"  # submitit's handler requeues; scontrol is not called again
+
+
+def test_resume_refuses_a_run_dir_that_ran_other_settings(tmp_path: Path, single_thread: None) -> None:  # noqa: F811
+    """A study whose selected settings changed must not get the old runs back as if they were the new ones."""
+    run_dir = tmp_path / "run"
+    short = [f"run_dir={run_dir}", "method=lora", *STEPS, "trainer.max_steps=2"]
+    finished = train(compose_config(short))
+    again = train(compose_config([*short, "resume=true", "trainer.progress_bar=false"]))  # reporting keys may change
+    assert again == finished
+    with pytest.raises(RunDirError, match=r"changed: optim\.lr, seed\b"):
+        train(compose_config([*short, "resume=true", "optim.lr=0.05", "seed=3"]))

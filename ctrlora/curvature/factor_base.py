@@ -8,7 +8,7 @@ functions that build and damp them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -42,6 +42,16 @@ def checked_power(eigvals: Tensor, power: float) -> Tensor:
             "the factor is singular, so it has no negative power: damp it first (factor.damped(gamma))"
         )
     return eigvals.pow(power)
+
+
+class Whitening(Protocol):
+    """What whitening by a damped factor needs: ``R⁻¹ x`` and ``R⁻ᵀ x`` for a square root ``R Rᵀ = S``."""
+
+    dim: int
+
+    def whiten(self, x: Tensor) -> Tensor: ...
+
+    def unwhiten(self, x: Tensor) -> Tensor: ...
 
 
 class Factor(ABC):
@@ -102,6 +112,11 @@ class Factor(ABC):
     def unwhiten(self, x: Tensor) -> Tensor:
         """``R⁻ᵀ x``: maps whitened coordinates back, ``‖R⁻ᵀ x‖²_S = ‖x‖²``."""
         return self.power_apply(x, -0.5)
+
+    def whitening(self) -> Whitening:
+        """The factor's `whiten` and `unwhiten` alone, for holding many of them: the factor itself
+        here; a dense factor gives its Cholesky factor without the matrix (half the memory)."""
+        return self
 
     def root_transpose_apply(self, x: Tensor) -> Tensor:
         """``Rᵀ x`` for a square root ``R Rᵀ = S``: the symmetric ``S^{1/2}`` here; a dense factor takes

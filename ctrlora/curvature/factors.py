@@ -32,6 +32,19 @@ from ctrlora.curvature.factor_base import (
 )
 
 
+class CholeskyWhitening:
+    """`whiten` and `unwhiten` of a dense factor from its Cholesky factor ``L`` (``S = L Lᵀ``) alone."""
+
+    def __init__(self, lower: Tensor) -> None:
+        self.lower, self.dim = lower, lower.shape[0]
+
+    def whiten(self, x: Tensor) -> Tensor:
+        return triangular_solve(self.lower, x.to(self.lower.dtype), transpose=False)
+
+    def unwhiten(self, x: Tensor) -> Tensor:
+        return triangular_solve(self.lower, x.to(self.lower.dtype), transpose=True)
+
+
 class DenseFactor(Factor):
     """S stored as a dense matrix. Its square root for whitening is the Cholesky factor ``S = L Lᵀ``
     (``R = L``); symmetric powers and eigenvalues come from its eigendecomposition. Both are
@@ -78,6 +91,9 @@ class DenseFactor(Factor):
     def root_transpose_apply(self, x: Tensor) -> Tensor:
         check_operand(self, x)
         return self.cholesky().T @ x.to(self.matrix.dtype)
+
+    def whitening(self) -> CholeskyWhitening:
+        return CholeskyWhitening(self.cholesky())
 
     def apply(self, x: Tensor) -> Tensor:
         check_operand(self, x)

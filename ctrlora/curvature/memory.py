@@ -107,10 +107,14 @@ class StoragePlan:
     def estimation_peak_bytes(self) -> int:
         """A bound on the statistics' peak during an estimate (weights and activations aside): every stored factor
         and extra, plus the dense accumulators of the largest layer group (one pass's working set) or,
-        when the gradient is sketched and that is larger, the damped factor copies its passes whiten with."""
+        when the gradient is sketched and that is larger, what its passes whiten with: the Cholesky
+        factor of each damped dense factor (a low-rank factor's damped form shares its eigenvectors)."""
         working = {plan.name: plan.working_numel for plan in self.modules}
         largest_group = self.element_bytes * max((sum(working[name] for name in group) for group in self.groups), default=0)
-        return self.factor_bytes() + self.extra_bytes() + max(largest_group, self.factor_bytes() if self.sketch else 0)
+        whitening = self.element_bytes * sum(
+            f.numel() for plan in self.modules for f in (plan.a, plan.g) if f is not None and f.storage == "dense"
+        )
+        return self.factor_bytes() + self.extra_bytes() + max(largest_group, whitening if self.sketch else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {

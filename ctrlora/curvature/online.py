@@ -16,17 +16,19 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ctrlora.curvature.activation import input_factors
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.factors import stored_factor
 from ctrlora.curvature.hooks import TargetRecorder
-from ctrlora.curvature.memory import plan_storage, target_shapes
+from ctrlora.curvature.memory import GB, plan_storage, resolve_grad_mode, target_shapes
 from ctrlora.curvature.objectives import objective_for
 from ctrlora.curvature.passes import CrossProductSums, OuterProductSums
 from ctrlora.curvature.result import CurvatureReport, CurvatureResult, ModuleCurvature
 from ctrlora.curvature.runtime import accumulation_dtype, all_reduce_count, input_device
+from ctrlora.errors import ConfigError
 
 
 class TrainingStatistics:
@@ -36,6 +38,15 @@ class TrainingStatistics:
         self.model, self.names, self.cfg, self.want_grad = model, names, cfg, want_grad
         modules = {name: model.get_submodule(name) for name in names}
         self.dtype = accumulation_dtype(modules.values())
+        shapes = target_shapes(model, names)
+        if want_grad and resolve_grad_mode(cfg, shapes, torch.finfo(self.dtype).bits // 8).grad_mode == "sketch":
+            size = sum(d_in * d_out for d_in, d_out in shapes.values()) * torch.finfo(self.dtype).bits / 8 / GB
+            raise ConfigError(
+                f"ctr.refresh_source=training with ctr.reallocate=true sums every target's dense gradient over"
+                f" the training window ({size:.1f} GB here), above curvature.dense_grad_max_gb="
+                f"{cfg.dense_grad_max_gb}; the window has no passes to sketch it. Use ctr.refresh_source=calibration"
+                " (its passes sketch G), ctr.reallocate=false, or a larger curvature.dense_grad_max_gb"
+            )
         self.recorder = TargetRecorder(
             modules, on_input=self._on_input, on_output_grad=self._on_output_grad, stash_inputs=want_grad
         )

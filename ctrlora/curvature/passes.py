@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ctrlora.curvature.factor_base import Whitening
 from ctrlora.curvature.factors import Factor, relative_damping
 from ctrlora.curvature.hooks import TargetRecorder
 from ctrlora.curvature.objectives import Objective
@@ -154,7 +155,7 @@ def _whitened_products(
     model: nn.Module,
     batches: Iterable[dict[str, Any]],
     modules: dict[str, nn.Module],
-    damped: dict[str, tuple[Factor, Factor]],
+    damped: dict[str, tuple[Whitening, Whitening]],
     tests: dict[str, Tensor],
     objective: Objective,
     *,
@@ -205,11 +206,12 @@ def sketch_whitened_gradients(
     """
     dtype = accumulation_dtype(modules.values())
     per_factor = relative_damping(damping, pi_split)
-    memo: dict[int, Factor] = {}  # a factor shared by several targets is damped (and eigendecomposed) once
+    memo: dict[int, Whitening] = {}  # a factor shared by several targets is damped (and factorised) once
 
-    def damp(factor: Factor) -> Factor:
+    def damp(factor: Factor) -> Whitening:
+        """The damped factor's whitening alone: every pass needs all of them, the damped matrices none."""
         if id(factor) not in memo:
-            memo[id(factor)] = factor.damped(per_factor).to(dtype=dtype)
+            memo[id(factor)] = factor.damped(per_factor).to(dtype=dtype).whitening()
         return memo[id(factor)]
 
     damped = {name: (damp(curvatures[name].a), damp(curvatures[name].g)) for name in modules}
@@ -218,7 +220,7 @@ def sketch_whitened_gradients(
         a, g = damped[name]
         width = min(rank + oversampling, a.dim, g.dim)
         generator = torch.Generator().manual_seed(seed * 7919 + index)
-        omega[name] = torch.randn(a.dim, width, generator=generator, dtype=dtype).to(a.device)
+        omega[name] = torch.randn(a.dim, width, generator=generator, dtype=dtype).to(curvatures[name].a.device)
     steps = iter(range(1, 3 + 2 * power_iters))
 
     def product(side: str, tests: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ctrlora.curvature.factors import Factor
+from ctrlora.curvature.factor_base import Whitening
 
 SKETCH_WHITENING = "cholesky"  # dense factors' square roots R (`Factor.whiten`); part of the cache key
 
@@ -70,7 +70,7 @@ class WhitenedGradientSketch:
 class WhitenedProduct:
     """Streams ``G̃ M`` (side 'right', M: d_in x k) or ``G̃ᵀ M`` (side 'left', M: d_out x k) over tokens."""
 
-    def __init__(self, a: Factor, g: Factor, test: Tensor, side: str) -> None:
+    def __init__(self, a: Whitening, g: Whitening, test: Tensor, side: str) -> None:
         if side not in ("right", "left"):
             raise ValueError(f"side must be 'right' or 'left', got {side!r}")
         self.side = side

@@ -26,6 +26,8 @@ from ctrlora.data.datamodule import FinetuneDataModule
 from ctrlora.data.formats import classification_row
 from ctrlora.data.tokenization import tokenize_classification
 from ctrlora.errors import DataError
+from ctrlora.evaluation.batching import with_batch_size
+from ctrlora.evaluation.config import EvalConfig
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PREDICTED_CLASSES = "predicted_classes"  # how many distinct classes the model predicted: 1 flags a collapse
@@ -97,12 +99,15 @@ def classification_test_loader(
     return DataLoader(tokenized, batch_size=batch_size, shuffle=False, collate_fn=datamodule.collator)
 
 
-def classifier_eval_section(
-    model: nn.Module, datamodule: FinetuneDataModule, batch_size: int, limit: float | None = None
-) -> dict[str, Any]:
-    """results.json's ``eval`` section for an encoder run: ``{<data set>: metrics, "versions": {...}}``."""
-    loader = classification_test_loader(datamodule, batch_size, limit)
-    metrics = classification_metrics(model, loader, num_classes=len(datamodule.label_names or []))
+def classifier_eval_section(model: nn.Module, datamodule: FinetuneDataModule, suite: EvalConfig) -> dict[str, Any]:
+    """results.json's ``eval`` section for an encoder run: ``{<data set>: metrics, "versions": {...}}``,
+    on ``eval.limit`` test examples in batches of ``eval.batch_size``."""
+
+    def scored(batch_size: int) -> tuple[dict[str, Any], int]:
+        loader = classification_test_loader(datamodule, batch_size, suite.limit)
+        return classification_metrics(model, loader, num_classes=len(datamodule.label_names or [])), len(loader.dataset)
+
+    metrics, samples = with_batch_size(suite.batch_size, scored, suite.max_batch_size)
     name = datamodule.cfg.name
-    versions = {"torchmetrics": version("torchmetrics"), "samples": {name: len(loader.dataset)}, "limit": {name: limit}}
+    versions = {"torchmetrics": version("torchmetrics"), "samples": {name: samples}, "limit": {name: suite.limit}}
     return {name: metrics, "versions": versions}

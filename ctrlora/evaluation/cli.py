@@ -140,7 +140,7 @@ def evaluate_encoder_run(
         model = PeftModel.from_pretrained(on_device(backbone, accelerator), adapter_dir)
     else:  # method=head_only / full_ft save the whole fine-tuned model
         model = on_device(AutoModelForSequenceClassification.from_pretrained(adapter_dir), accelerator)
-    return classifier_eval_section(model, datamodule, suite.batch_size, suite.limit)
+    return classifier_eval_section(model, datamodule, suite)
 
 
 def run_suite_config(run_eval: EvalConfig, requested: EvalConfig) -> EvalConfig:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ctrlora.errors import ConfigError, check_choice
+from ctrlora.evaluation.batching import check_batch_size
 from ctrlora.task_types import SEQUENCE_CLASSIFICATION
 
 BACKENDS = ("hf", "vllm")
@@ -42,7 +43,7 @@ class TaskSpec:
     num_fewshot: int | None = None  # None: the stock task's default
     metrics: list[str] = field(default_factory=list)  # lm-eval keys "metric" or "metric,filter"; empty: all
     limit: float | None = None  # overrides eval.limit (int: documents per task; <1: a fraction)
-    batch_size: int | None = None  # overrides eval.batch_size
+    batch_size: Any = None  # overrides eval.batch_size (an int, auto or auto:N)
     max_gen_toks: int | None = None  # generative tasks: cap on generated tokens (lm-eval's default 256)
     local: LocalTaskData | None = None  # build the task from a local file instead of a stock lm-eval task
 
@@ -53,7 +54,8 @@ class EvalConfig:
     tasks: dict[str, TaskSpec] = field(default_factory=dict)  # lm-eval task name -> settings
     data_dir: str | None = None  # local mirrors of the stock tasks' data (see ctrlora/evaluation/mirrors.py)
     limit: float | None = None  # documents per task (smoke tests); null: all
-    batch_size: int = 8
+    batch_size: Any = 8  # an int, or auto / auto:N: the largest that fits, from max_batch_size down
+    max_batch_size: int = 64  # where batch_size=auto starts
     max_length: int | None = None  # context window for lm-eval; null: the model's max_position_embeddings
     seed: int | None = (
         None  # lm-eval's random/numpy/torch/few-shot seeds; null: lm-eval's defaults (0,1234,1234,1234)
@@ -67,6 +69,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_choice("eval.backend", self.backend, BACKENDS)
+        check_batch_size("eval.batch_size", self.batch_size)
+        check_batch_size("eval.max_batch_size", self.max_batch_size)
+        for name, spec in self.tasks.items():
+            if spec.batch_size is not None:
+                check_batch_size(f"eval.tasks.{name}.batch_size", spec.batch_size)
 
 
 CLASSIFIER_METRICS = ("accuracy", "macro_f1", "mcc")

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ctrlora.errors import ConfigError
+from ctrlora.evaluation.batching import BatchSize
 from ctrlora.evaluation.config import EvalConfig
 from ctrlora.evaluation.tasks import SuiteTasks
 
@@ -53,12 +54,15 @@ def seed_arguments(seed: int | None) -> dict[str, int]:
     }
 
 
-LanguageModels = Callable[[int], Any]  # batch size -> an lm-eval LM
+LanguageModels = Callable[[BatchSize], Any]  # batch size (an int, auto or auto:N) -> an lm-eval LM
 
 
 def hf_models(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig) -> LanguageModels:
     """lm-eval's HFLM on the in-memory `model`, one per batch size (``eval.backend=hf``)."""
-    return lambda batch_size: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=cfg.max_length)
+    return lambda batch_size: HFLM(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=cfg.max_batch_size,
+        max_length=cfg.max_length,
+    )
 
 
 def run_tasks(models: LanguageModels, cfg: EvalConfig, tasks: SuiteTasks) -> tuple[Row, dict[str, Any]]:
@@ -69,7 +73,7 @@ def run_tasks(models: LanguageModels, cfg: EvalConfig, tasks: SuiteTasks) -> tup
     number of scored documents and the limit (None: the whole split).
     """
     manager = TaskManager(include_path=str(tasks.directory), include_defaults=False)
-    batches: dict[tuple[int | float | None, int], list[str]] = {}
+    batches: dict[tuple[int | float | None, BatchSize], list[str]] = {}
     for name, spec in cfg.tasks.items():
         setting = (limit_value(spec.limit, cfg.limit), spec.batch_size or cfg.batch_size)
         batches.setdefault(setting, []).append(name)

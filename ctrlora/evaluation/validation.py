@@ -15,22 +15,27 @@ from torch import nn
 
 from ctrlora.curvature.objectives import summed_loss
 from ctrlora.data.datamodule import FinetuneDataModule
+from ctrlora.evaluation.batching import with_batch_size
 from ctrlora.evaluation.classification import classification_metrics
-from ctrlora.evaluation.config import objective_metric
+from ctrlora.evaluation.config import EvalConfig, objective_metric
 from ctrlora.task_types import SEQUENCE_CLASSIFICATION
 
 
-def validation_section(model: nn.Module, datamodule: FinetuneDataModule, batch_size: int) -> dict[str, Any] | None:
-    """``{"examples", "loss", [accuracy, macro_f1, mcc, predicted_classes]}`` on the validation split; None
-    without one."""
-    loader = datamodule.validation_loader(batch_size)
-    if loader is None:
-        return None
-    section: dict[str, Any] = {"examples": len(loader.dataset), "loss": summed_loss(model, loader).per_term}
-    if datamodule.task == SEQUENCE_CLASSIFICATION:
-        metrics = classification_metrics(model, loader, num_classes=len(datamodule.label_names or []))
-        section.update({name: value["value"] for name, value in metrics.items()})
-    return section
+def validation_section(model: nn.Module, datamodule: FinetuneDataModule, suite: EvalConfig) -> dict[str, Any] | None:
+    """``{"examples", "loss", [accuracy, macro_f1, mcc, predicted_classes]}`` on the validation split in
+    batches of ``eval.batch_size``; None without one."""
+
+    def scored(batch_size: int) -> dict[str, Any] | None:
+        loader = datamodule.validation_loader(batch_size)
+        if loader is None:
+            return None
+        section: dict[str, Any] = {"examples": len(loader.dataset), "loss": summed_loss(model, loader).per_term}
+        if datamodule.task == SEQUENCE_CLASSIFICATION:
+            metrics = classification_metrics(model, loader, num_classes=len(datamodule.label_names or []))
+            section.update({name: value["value"] for name, value in metrics.items()})
+        return section
+
+    return with_batch_size(suite.batch_size, scored, suite.max_batch_size)
 
 
 def objective_value(results: dict[str, Any], val_metric: str, task: str) -> float | None:
@@ -43,8 +48,8 @@ class PeriodicValidation(L.Callback):
     """Scores the validation split every ``eval.val_every_n_steps`` optimizer steps during training and
     logs ``val/<metric>`` (metrics.csv, W&B). Every rank computes it (a sharded model needs them all)."""
 
-    def __init__(self, datamodule: FinetuneDataModule, every: int, batch_size: int) -> None:
-        self.datamodule, self.every, self.batch_size = datamodule, every, batch_size
+    def __init__(self, datamodule: FinetuneDataModule, every: int, suite: EvalConfig) -> None:
+        self.datamodule, self.every, self.suite = datamodule, every, suite
         self.scored_step = 0  # micro-batches of one optimizer step share its global_step: score once
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
@@ -52,7 +57,7 @@ class PeriodicValidation(L.Callback):
         if step % self.every or step == self.scored_step:
             return
         self.scored_step = step
-        section = validation_section(pl_module.model, self.datamodule, self.batch_size) or {}
+        section = validation_section(pl_module.model, self.datamodule, self.suite) or {}
         metrics = {f"val/{metric}": value for metric, value in section.items() if metric != "examples"}
         for logger in trainer.loggers:  # straight to the loggers: one row, at the step just taken
             logger.log_metrics(metrics, step=step - 1)

@@ -23,6 +23,16 @@ from ctrlora.peft_layout import ADAPTER, adapter_parameters
 from ctrlora.trust_region import LambdaSchedule, ModuleMetric, TrustRegionPenalty
 
 
+def metric_dtype(layer: nn.Module) -> torch.dtype | None:
+    """bf16 when the layer's base computes in bf16 (its weight, or a 4-bit layer's compute dtype), else
+    None: the factors keep their estimation dtype. bf16 halves the metric's memory and is safe for a
+    soft penalty: its factors are damped (positive definite), the product ``S_g B`` is rounded to
+    bf16 (relative error ≈ 2⁻⁸ on a term annealed to 0), and bf16 has fp32's range, unlike fp16."""
+    base = layer.get_base_layer()
+    compute = getattr(base, "compute_dtype", None) or base.weight.dtype
+    return torch.bfloat16 if compute == torch.bfloat16 else None
+
+
 class TrustRegion:
     """The penalty of the adapted modules; `loss` is the term added to the training loss."""
 
@@ -36,9 +46,10 @@ class TrustRegion:
         self.last_lambda, self.last_penalty = 0.0, None
 
     def build(self, curvature: CurvatureResult | None, layers: dict[str, nn.Module]) -> None:
-        """The metric of `layers` from `curvature` (each shared ``a`` once) on the adapters' devices.
-        Only the metric is kept in training, not the raw factors (a refresh's raw factors are in its
-        file, for resuming): it is the one copy.
+        """The metric of `layers` from `curvature` (each shared ``a`` once) on the adapters' devices, in
+        bf16 where the backbone computes in bf16 (`metric_dtype`), else as estimated. Only the metric
+        is kept in training, not the raw factors (a refresh's raw factors are in its file, for
+        resuming): it is the one copy.
 
         ``fisher``: the damped raw factors with S_g times ``T/N`` (`loss_scale`), so ``½‖ΔW‖²_M`` is
         the K-FAC model of the training loss itself; ``normalized``: each factor at unit mean
@@ -53,11 +64,11 @@ class TrustRegion:
         for name, layer in layers.items():
             raw = curvature[name]
             a, g = pairs(raw)
-            device = adapter_parameters(layer)[0].device
+            device, dtype = adapter_parameters(layer)[0].device, metric_dtype(layer)
             if id(raw.a) not in shared:
-                shared[id(raw.a)] = (a if self.fisher else a.normalized()).to(device)
+                shared[id(raw.a)] = (a if self.fisher else a.normalized()).to(device, dtype)
             s_g = g.scaled(self.loss_scale) if self.fisher else g.normalized()
-            metrics[name] = ModuleMetric(s_g=s_g.to(device), s_a=shared[id(raw.a)], scaling=layer.scaling[ADAPTER])
+            metrics[name] = ModuleMetric(s_g=s_g.to(device, dtype), s_a=shared[id(raw.a)], scaling=layer.scaling[ADAPTER])
         self.penalty = TrustRegionPenalty(metrics)
 
     def anchor(self, name: str, layer: nn.Module) -> None:

@@ -168,11 +168,16 @@ def test_the_estimation_peak_is_the_factors_plus_the_largest_group_and_a_7b_grad
     assert uncapped.sketch and uncapped.extra_bytes() == 0  # ~26 GB of dense G is over dense_grad_max_gb
     accumulators = 4 * sum(module.working_numel for module in uncapped.modules)
     assert accumulators == uncapped.dense_factor_bytes()  # with G sketched: S_a and S_g of every target
+    cholesky = 4 * sum(f.dim**2 for module in uncapped.modules for f in (module.a, module.g) if f.storage == "dense")
+    assert 0 < cholesky < accumulators  # uncapped, the 4096-wide factors are dense
     assert uncapped.estimation_peak_bytes() == uncapped.factor_bytes() + accumulators
     capped = memory_report(llama_config(shape), CurvatureConfig(max_factor_gb=8), want_grad=True)
     largest = max(sum(capped.module(name).working_numel for name in group) for group in capped.groups)
     assert 4 * largest <= 8 * GB and len(capped.groups) > 1
-    assert capped.estimation_peak_bytes() == capped.factor_bytes() + max(4 * largest, capped.factor_bytes())
+    # the sketch's passes whiten with the Cholesky factor of each damped dense factor; a low-rank one's damped
+    # form shares its eigenvectors, and the cap truncates every factor of these models
+    assert {f.storage for module in capped.modules for f in (module.a, module.g)} == {"low_rank"}
+    assert capped.estimation_peak_bytes() == capped.factor_bytes() + 4 * largest
 
 
 def test_the_cli_reads_a_model_presets_arch(capsys):

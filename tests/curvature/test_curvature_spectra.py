@@ -120,3 +120,13 @@ def test_targets_sharing_a_factor_have_it_damped_and_factorised_once():
     assert a2.cholesky() is a1.cholesky()  # computed once
     pairs(synthetic_curvature())  # two more raw factors push the shared one out
     assert pairs(first)[0] is not a1
+
+
+def test_a_dense_factors_whitening_keeps_only_its_cholesky_factor_and_whitens_the_same():
+    factor = synthetic_curvature().a.damped(1e-3)
+    whitening = factor.whitening()
+    assert vars(whitening).keys() == {"lower", "dim"} and whitening.dim == factor.dim  # no dim×dim matrix besides L
+    x = torch.randn(factor.dim, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert_close(whitening.whiten(x), factor.whiten(x), 1e-12)
+    assert_close(whitening.unwhiten(x), factor.unwhiten(x), 1e-12)
+    assert_close(whitening.whiten(factor.apply(whitening.unwhiten(x))), x, 1e-10)  # R⁻¹ S R⁻ᵀ = I

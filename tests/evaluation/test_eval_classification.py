@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,12 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from ctrlora.backbones import build_tiny_tokenizer
 from ctrlora.data.datamodule import FinetuneDataModule
-from ctrlora.evaluation.classification import classification_metrics, classification_test_loader
+from ctrlora.errors import ConfigError
+from ctrlora.evaluation.classification import (
+    classification_metrics,
+    classification_test_loader,
+    classifier_eval_section,
+)
 from evaluation.helpers import train_config
 
 
@@ -86,3 +92,36 @@ def test_test_loader_uses_the_training_label_ids(tmp_path) -> None:
     labels = torch.cat([batch["labels"] for batch in batches]).tolist()
     assert labels == [datamodule.label_names.index(row["label"]) for row in rows]
     assert batches[0]["input_ids"].shape == (64, 32) and "attention_mask" in batches[0]
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """`model`, raising the CPU allocator's out-of-memory error for a batch of more than `rows` rows."""
+
+    def __init__(self, model: torch.nn.Module, rows: int) -> None:
+        super().__init__()
+        self.model, self.rows, self.sizes = model, rows, []
+
+    def forward(self, **inputs: torch.Tensor) -> object:
+        self.sizes.append(len(inputs["input_ids"]))
+        if self.sizes[-1] > self.rows:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
+        return self.model(**inputs)
+
+
+def test_an_auto_batch_size_shrinks_until_the_model_fits_and_scores_the_same(tmp_path) -> None:
+    cfg = train_config(["data.max_length=32", "eval.limit=40"], tmp_path)
+    datamodule = FinetuneDataModule(cfg.data, build_tiny_tokenizer(), task="sequence_classification")
+    datamodule.setup("fit")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=260, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=len(datamodule.label_names),
+    ))
+    fixed = classifier_eval_section(model, datamodule, replace(cfg.eval, batch_size=8))
+    squeezed = OutOfMemoryAbove(model, rows=16)
+    auto = classifier_eval_section(squeezed, datamodule, replace(cfg.eval, batch_size="auto", max_batch_size=32))
+    assert auto == fixed
+    shrinking = [32, 28, 25, 22, 19, 17, 15]  # each 10% smaller (accelerate's rule) until a batch fits
+    assert squeezed.sizes[:7] == shrinking and max(squeezed.sizes[7:]) <= 15
+    with pytest.raises(ConfigError, match=r"eval.batch_size='big' is not a batch size"):
+        replace(cfg.eval, batch_size="big")

@@ -17,10 +17,11 @@ from test_run import StopAtStep
 from ctrlora import report
 from ctrlora.curvature.estimate import estimate_curvature
 from ctrlora.curvature.lowrank import damped_factors
+from ctrlora.errors import ConfigError
 from ctrlora.methods.cg_lora import mean_token_loss
 from ctrlora.methods.ctr_refresh import REFRESHED_CURVATURE, load_refreshed_curvature
 from ctrlora.run import assemble, train
-from ctrlora.trust_region import LambdaSchedule
+from ctrlora.trust_region import LambdaSchedule, kronecker_penalty
 
 from .curvature_method_helpers import (
     SMALL_CALIBRATION,
@@ -200,3 +201,33 @@ def test_run_resumed_after_a_refresh_and_a_reallocation_ends_with_the_same_adapt
     assert sorted(p.name for p in (full / "checkpoints" / "curvature").iterdir()) == ["refresh-0000010.pt", "refresh-0000015.pt"]
     config = json.loads((stopped / "adapter" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {k: v for k, v in results["allocation"]["ranks"].items() if v > 0}
+
+
+def test_a_training_window_that_would_hold_a_too_large_dense_gradient_is_refused(tmp_path: Path) -> None:
+    """Re-allocating from training statistics sums every target's dense G; above the size where the
+    calibration passes would sketch it, the run stops before training, naming the keys to change."""
+    overrides = [*REFRESH, "method.ctr.refresh_source=training", "method.ctr.refresh_batches=2",
+                 "method.ctr.reallocate=true", "curvature.dense_grad_max_gb=1e-6"]
+    with pytest.raises(ConfigError, match=r"ctr\.refresh_source=training with ctr\.reallocate=true .* above"
+                                          r" curvature\.dense_grad_max_gb=1e-06"):
+        build_run(tmp_path, "ctrlora", *overrides)
+    build_run(tmp_path / "calibration", "ctrlora", *overrides[:1], *overrides[3:])  # calibration passes sketch G
+
+
+def test_a_bf16_backbone_keeps_the_metric_in_bf16_at_half_the_memory(tmp_path: Path) -> None:
+    runs = {dtype: build_run(tmp_path / dtype, "ctrlora", f"model.dtype={dtype}") for dtype in ("float32", "bfloat16")}
+    metrics = {dtype: run.method.trust.penalty.metrics for dtype, run in runs.items()}
+    assert metrics["float32"].keys() == metrics["bfloat16"].keys()
+
+    def metric_bytes(dtype: str) -> int:
+        factors = {id(f): f for m in metrics[dtype].values() for f in (m.s_g, m.s_a)}.values()
+        assert {t.dtype for f in factors for t in f.tensors().values()} == {getattr(torch, dtype)}
+        return sum(t.numel() * t.element_size() for f in factors for t in f.tensors().values())
+
+    assert 2 * metric_bytes("bfloat16") == metric_bytes("float32")
+    generator = torch.Generator().manual_seed(0)
+    for name, metric in metrics["bfloat16"].items():  # the same factors, multiplied in bf16 or in fp32
+        B = torch.randn(metric.s_g.dim, 4, generator=generator)
+        A = torch.randn(4, metric.s_a.dim, generator=generator)
+        exact = kronecker_penalty(B, A, metric.scaling, metric.s_g.to(dtype=torch.float32), metric.s_a.to(dtype=torch.float32))
+        assert abs(float(kronecker_penalty(B, A, metric.scaling, metric.s_g, metric.s_a) / exact) - 1) < 1e-2, name
