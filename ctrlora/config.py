@@ -269,9 +269,14 @@ def train_schema(method: type[MethodConfig]) -> DictConfig:
 
 
 def load_train_config(path: Path) -> TrainConfig:
-    """A run's saved config.yaml as the `TrainConfig` it ran with."""
+    """A run's saved config.yaml as the `TrainConfig` it ran with; `ConfigError` naming the file and the
+    key when this version's schema no longer has it (a run made by another version of ctrlora)."""
     saved = OmegaConf.load(path)
-    return OmegaConf.to_object(OmegaConf.merge(train_schema(method_schema(saved.method.name)), saved))
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(train_schema(method_schema(saved.method.name)), saved))
+    except ConfigKeyError as error:
+        raise ConfigError(f"{path} does not load with this version of ctrlora: unknown key {error.full_key!r}"
+                          " (the run was made by another version)") from None
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_kill_resume import STEPS, killed_attempt, single_thread  # noqa: F401  (a fixture)
 
 from ctrlora.checkpoints import SignalCheckpoint, checkpoint_step
-from ctrlora.errors import RunDirError, RunStopped
+from ctrlora.errors import ConfigError, RunDirError, RunStopped
 from ctrlora.lit import FinetuneModule
 from ctrlora.run import train
 
@@ -122,3 +122,7 @@ def test_resume_refuses_a_run_dir_that_ran_other_settings(tmp_path: Path, single
     assert again == finished
     with pytest.raises(RunDirError, match=r"changed: optim\.lr, seed\b"):
         train(compose_config([*short, "resume=true", "optim.lr=0.05", "seed=3"]))
+    saved = run_dir / "config.yaml"  # as a later version would find it: a key this version does not have
+    saved.write_text(saved.read_text().replace("optim:\n", "optim:\n  momentum: 0.9\n", 1))
+    with pytest.raises(ConfigError, match=r"config\.yaml does not load with this version of ctrlora: unknown key 'optim\.momentum'"):
+        train(compose_config([*short, "resume=true"]))
