@@ -14,8 +14,9 @@ Each trial's objective is what train.py returns: ``eval.val_metric`` on the vali
 (maximized for the classifier metrics, minimized for a loss); test scores are never read.
 
 The config takes the plugin's own option name, ``optuna``, with the plugin's fields and ctrlora's
-defaults: seeded TPE (seed 0, 4 random start-up trials), 8 trials, one at a time, a failed trial
-recorded as failed rather than ending the search. A file
+defaults: seeded TPE (seed 0, 4 random start-up trials), 16 trials (8 left two-dimensional spaces
+under-searched: experiments/nlu_minilm/README.md), one at a time, a failed trial recorded as failed
+rather than ending the search. A file
 ``conf/hydra/sweeper/optuna.yaml`` cannot do it (Hydra refuses a file named like a ConfigStore
 schema that has a defaults list), so `register_sweeper_config` stores the node in the ConfigStore
 — after Hydra's plugin scan, which re-executes every plugin module, the plugin's config with its
@@ -51,7 +52,7 @@ class MethodSearchSweeperConf(OptunaSweeperConf):
     sampler: Any = field(default_factory=lambda: {"seed": 0, "n_startup_trials": 4})  # onto the `tpe` default
     direction: Any = "${val_direction:${eval.val_metric},${model.task}}"
     study_name: str | None = "${model.name}-${method.name}-${data.name}"
-    n_trials: int = 8
+    n_trials: int = 16
     n_jobs: int = 1
     # A trial whose run fails (a learning rate at the top of the range can diverge: the run stops on a
     # non-finite loss) is told to Optuna as failed, and the search goes on; the plugin's 0.0 would end it.
