@@ -60,13 +60,13 @@ def config_hash(cfg: TrainConfig) -> str:
 def changed_keys(before: TrainConfig, after: TrainConfig) -> list[str]:
     """The dotted keys whose value in `semantic_config` differs between two configs (or is in one only)."""
 
-    def flat(prefix: str, value: Any) -> dict[str, Any]:
+    def flat(value: Any, key: str = "") -> dict[str, Any]:
         if not isinstance(value, dict) or not value:
-            return {prefix: value}
-        return {key: item for name, child in value.items() for key, item in flat(f"{prefix}{name}.", child).items()}
+            return {key: value}
+        return {dotted: item for name, child in value.items() for dotted, item in flat(child, f"{key}.{name}" if key else name).items()}
 
-    old, new = flat("", semantic_config(before)), flat("", semantic_config(after))
-    return sorted(key.rstrip(".") for key in old.keys() | new.keys() if old.get(key, KeyError) != new.get(key, KeyError))
+    old, new = flat(semantic_config(before)), flat(semantic_config(after))
+    return sorted(key for key in old.keys() | new.keys() if old.get(key, KeyError) != new.get(key, KeyError))
 
 
 def git_sha() -> str | None:

@@ -215,7 +215,7 @@ def assemble(cfg: TrainConfig, run_dir: Path) -> RunParts:
     loggers = build_loggers(cfg.logger, run_dir, report.run_name(cfg), asdict(cfg))
     callbacks = [adapters, stats, SignalCheckpoint(run_dir / "checkpoints"), *method.callbacks()]
     if cfg.eval.val_every_n_steps:
-        callbacks.append(PeriodicValidation(datamodule, cfg.eval.val_every_n_steps, cfg.eval))
+        callbacks.append(PeriodicValidation(datamodule, cfg.eval))
     trainer = build_trainer(cfg.trainer, loggers, callbacks, run_dir)
     in_fit = trainer.world_size > 1 and method.shards_calibration
     model = backbone if in_fit else adapters.prepare(backbone, trainer)

@@ -21,8 +21,8 @@ TPE proposes the same trials again (the finished ones return their stored object
 record in study.json has no error, the study's trial count and seed runs that all wrote results.json
 is not entered again. Raising ``trials`` continues every sweep where it stopped; where the larger
 budget selects other settings, the old seed runs move to ``OUT/superseded/<task>/<variant>/`` and
-the seeds run again. ``--jobs`` (variant, task) pairs run at once, each with ``OMP_NUM_THREADS`` = cores / jobs. Each pair's output
-goes to ``OUT/logs/<task>-<variant>.log``; ``OUT/study.json`` records the selections and the wall
+the seeds run again. ``--jobs`` (variant, task) pairs run at once, each with ``OMP_NUM_THREADS`` =
+cores / jobs. Each pair's output goes to ``OUT/logs/<task>-<variant>.log``; ``OUT/study.json`` records the selections and the wall
 time of every step.
 """
 

@@ -196,8 +196,12 @@ def resolve_grad_mode(
     sketch is for a G that does not fit). Any other mode is returned as it is."""
     if cfg.grad_mode != "auto":
         return cfg
-    grad_bytes = element_bytes * sum(d_in * d_out for d_in, d_out in shapes.values())
-    return replace(cfg, grad_mode="dense" if grad_bytes <= cfg.dense_grad_max_gb * GB else "sketch")
+    return replace(cfg, grad_mode="dense" if dense_grad_bytes(shapes, element_bytes) <= cfg.dense_grad_max_gb * GB else "sketch")
+
+
+def dense_grad_bytes(shapes: Mapping[str, tuple[int, int]], element_bytes: int = 4) -> int:
+    """Bytes of every target's dense gradient G, ``Σ d_in·d_out`` elements."""
+    return element_bytes * sum(d_in * d_out for d_in, d_out in shapes.values())
 
 
 def plan_storage(

@@ -23,7 +23,7 @@ from ctrlora.curvature.activation import input_factors
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.factors import stored_factor
 from ctrlora.curvature.hooks import TargetRecorder
-from ctrlora.curvature.memory import GB, plan_storage, resolve_grad_mode, target_shapes
+from ctrlora.curvature.memory import GB, dense_grad_bytes, plan_storage, resolve_grad_mode, target_shapes
 from ctrlora.curvature.objectives import objective_for
 from ctrlora.curvature.passes import CrossProductSums, OuterProductSums
 from ctrlora.curvature.result import CurvatureReport, CurvatureResult, ModuleCurvature
@@ -38,9 +38,9 @@ class TrainingStatistics:
         self.model, self.names, self.cfg, self.want_grad = model, names, cfg, want_grad
         modules = {name: model.get_submodule(name) for name in names}
         self.dtype = accumulation_dtype(modules.values())
-        shapes = target_shapes(model, names)
-        if want_grad and resolve_grad_mode(cfg, shapes, torch.finfo(self.dtype).bits // 8).grad_mode == "sketch":
-            size = sum(d_in * d_out for d_in, d_out in shapes.values()) * torch.finfo(self.dtype).bits / 8 / GB
+        shapes, element_bytes = target_shapes(model, names), torch.finfo(self.dtype).bits // 8
+        if want_grad and resolve_grad_mode(cfg, shapes, element_bytes).grad_mode == "sketch":
+            size = dense_grad_bytes(shapes, element_bytes) / GB
             raise ConfigError(
                 f"ctr.refresh_source=training with ctr.reallocate=true sums every target's dense gradient over"
                 f" the training window ({size:.1f} GB here), above curvature.dense_grad_max_gb="

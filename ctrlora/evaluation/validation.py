@@ -48,8 +48,10 @@ class PeriodicValidation(L.Callback):
     """Scores the validation split every ``eval.val_every_n_steps`` optimizer steps during training and
     logs ``val/<metric>`` (metrics.csv, W&B). Every rank computes it (a sharded model needs them all)."""
 
-    def __init__(self, datamodule: FinetuneDataModule, every: int, suite: EvalConfig) -> None:
-        self.datamodule, self.every, self.suite = datamodule, every, suite
+    def __init__(self, datamodule: FinetuneDataModule, suite: EvalConfig) -> None:
+        if not suite.val_every_n_steps:
+            raise ValueError("PeriodicValidation needs eval.val_every_n_steps")
+        self.datamodule, self.suite, self.every = datamodule, suite, suite.val_every_n_steps
         self.scored_step = 0  # micro-batches of one optimizer step share its global_step: score once
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
