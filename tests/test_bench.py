@@ -16,7 +16,7 @@ from ctrlora.bench.estimators import marginal_and_fixed
 from ctrlora.bench.suite import compose_train
 from ctrlora.errors import ConfigError
 
-ESTIMATORS = {"activation", "kfac_empirical_dense_grad", "kfac_mc", "hutchinson"}
+ESTIMATORS = {"activation", "kfac_empirical_dense_grad", "kfac_mc", "hutchinson", "hutchinson_ggn"}
 
 
 def test_bench_writes_ratios_curvature_fractions_overhead_and_estimators(tmp_path: Path) -> None:

@@ -49,6 +49,14 @@ def _logits(output: Any) -> Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
+def softmax_hessian_root(logits: Tensor, vectors: Tensor) -> Tensor:
+    """``S v`` row by row for ``S = (I − p1ᵀ) diag(√p)``, p = softmax(logits): ``S Sᵀ = diag(p) − ppᵀ``,
+    the Hessian of cross-entropy in the logits (using ``Σp = 1``). Computed in fp32 or wider."""
+    probs = _accumulation_precision(logits.detach()).softmax(-1)
+    scaled = probs.sqrt() * vectors.to(probs.dtype)
+    return scaled - probs * scaled.sum(-1, keepdim=True)
+
+
 class Objective(ABC):
     """How a batch becomes model outputs, a token mask and a summed loss."""
 
@@ -75,6 +83,12 @@ class Objective(ABC):
     @abstractmethod
     def sample_targets(self, outputs: Tensor, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         """Labels drawn from the model's predictive distribution (for the MC Fisher)."""
+
+    @abstractmethod
+    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor], vectors: Tensor) -> Tensor:
+        """``S v`` for each output row, where ``S Sᵀ = H_ℓ`` is the Hessian of the summed loss in that row of
+        outputs (zero rows where the loss does not depend on the outputs); shaped like `outputs`, in the
+        outputs' dtype. With Rademacher v, ``E[(Jᵀ S v)(Jᵀ S v)ᵀ] = Jᵀ H_ℓ J``: the Gauss–Newton matrix."""
 
 
 class CausalLMObjective(Objective):
@@ -104,6 +118,12 @@ class CausalLMObjective(Objective):
         logits = _accumulation_precision(outputs[self.token_mask(batch)].detach())
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
+    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor], vectors: Tensor) -> Tensor:
+        mask = self.token_mask(batch)
+        roots = torch.zeros_like(outputs)
+        roots[mask] = softmax_hessian_root(outputs[mask], vectors[mask]).to(outputs.dtype)
+        return roots
+
 
 class SequenceClassificationObjective(Objective):
     """Per-sequence cross-entropy summed over sequences; tokens are the non-padding positions."""
@@ -131,6 +151,9 @@ class SequenceClassificationObjective(Objective):
         probs = _accumulation_precision(outputs.detach()).softmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
+    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor], vectors: Tensor) -> Tensor:
+        return softmax_hessian_root(outputs, vectors).to(outputs.dtype)
+
 
 class SquaredErrorObjective(Objective):
     """``½ Σ ‖model(inputs) − targets‖²`` for any module mapping (..., d_in) to (..., d_out)."""
@@ -151,6 +174,10 @@ class SquaredErrorObjective(Objective):
     def sample_targets(self, outputs: Tensor, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         noise = torch.randn(outputs.shape, generator=generator, device=outputs.device, dtype=outputs.dtype)
         return outputs.detach() + noise
+
+    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor], vectors: Tensor) -> Tensor:
+        """``H_ℓ = I``, so ``S = I``."""
+        return vectors.to(outputs.dtype)
 
 
 def objective_for(batch: dict[str, Tensor]) -> Objective:

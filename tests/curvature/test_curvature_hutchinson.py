@@ -11,8 +11,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.estimate import estimate_curvature
 from ctrlora.curvature.factors import DiagonalFactor
-from ctrlora.curvature.hutchinson import _ggn_product, _hessian_product, kronecker_fit
-from ctrlora.curvature.objectives import CausalLMObjective
+from ctrlora.curvature.hutchinson import _hessian_product, kronecker_fit
+from ctrlora.curvature.objectives import (
+    CausalLMObjective,
+    SequenceClassificationObjective,
+    SquaredErrorObjective,
+)
 from ctrlora.curvature.result import ModuleCurvature
 
 from .helpers import assert_close, lm_batches, tiny_llama
@@ -101,7 +105,7 @@ def language_model_matrices(model, batch, target):
     return hessian.detach(), ggn.detach()
 
 
-def test_language_model_hessian_and_ggn_vector_products_are_exact():
+def test_language_model_hessian_vector_products_are_exact():
     """Exact up to HF's RMSNorm, which computes in fp32 even in an fp64 model (the oracle Hessian itself
     is symmetric only to ~2e-7)."""
     model = tiny_llama()
@@ -109,18 +113,59 @@ def test_language_model_hessian_and_ggn_vector_products_are_exact():
         param.requires_grad_(False)
     batch = lm_batches()[0]
     target = "model.layers.0.self_attn.k_proj"
-    hessian, ggn = language_model_matrices(model, batch, target)
+    hessian, _ = language_model_matrices(model, batch, target)
     weight = dict(model.named_parameters())[f"{target}.weight"]
     vector = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     objective = CausalLMObjective()
     weight.requires_grad_(True)
     with sdpa_kernel(SDPBackend.MATH):
         outputs = objective.forward(model, batch)
-        loss = objective.loss(outputs, batch)
-        hessian_product, _ = _hessian_product(loss, [weight])
-        ggn_product = _ggn_product(loss, outputs, [weight])
+        hessian_product, _ = _hessian_product(objective.loss(outputs, batch), [weight])
         assert_close(hessian_product([vector])[0].flatten(), hessian @ vector.flatten(), 1e-6)
-        assert_close(ggn_product([vector])[0].flatten(), ggn @ vector.flatten(), 1e-6)
+
+
+def root_columns(objective, outputs, batch):
+    """The loss Hessian root S of every output row, column j from the j-th basis vector: (..., V, V)."""
+    basis = torch.eye(outputs.shape[-1], dtype=outputs.dtype)
+    return torch.stack([objective.loss_hessian_root(outputs, batch, row.expand_as(outputs)) for row in basis], -1)
+
+
+def test_loss_hessian_roots_factor_the_loss_hessian_and_skip_uncounted_rows():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 7, (2, 5), generator=generator)
+    labels[0, 1:3] = -100  # prompt tokens: positions 0 and 1 of row 0 predict them and do not count
+    lm_batch = {"input_ids": labels.clamp_min(0), "labels": labels, "attention_mask": torch.ones_like(labels)}
+    classes = {"input_ids": labels[:, :3], "labels": labels[:, 0].clamp_min(0)}
+    for objective, outputs, batch in (
+        (CausalLMObjective(), logits, lm_batch),
+        (SequenceClassificationObjective(), logits[:, 0], classes),
+    ):
+        probs = outputs.softmax(-1)
+        loss_hessian = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+        roots = root_columns(objective, outputs, batch)
+        counted = objective.token_mask(batch) if outputs.dim() == 3 else torch.ones(2, dtype=torch.bool)
+        assert_close(roots[counted] @ roots[counted].mT, loss_hessian[counted], 1e-12)
+        assert not roots[~counted].any()
+        assert (~counted).any() == (outputs.dim() == 3)
+    squared = root_columns(SquaredErrorObjective(), logits, {"inputs": logits, "targets": logits})
+    assert torch.equal(squared, torch.eye(7, dtype=torch.float64).expand(2, 5, 7, 7))
+
+
+def test_language_model_ggn_diagonal_is_unbiased_within_its_sampling_error():
+    """u = Jᵀ S z has E[u_i²] = g_i and Var(u_i²) ≤ 2 g_i² (a Rademacher quadratic form), so with K probes
+    E‖ĝ − g‖² ≤ 2‖g‖²/K: stay within twice that RMS error."""
+    model = tiny_llama()
+    batch = lm_batches()[1]
+    target = "model.layers.1.mlp.gate_proj"
+    _, ggn = language_model_matrices(model, batch, target)
+    tokens = int(CausalLMObjective().token_mask(batch).sum())
+    probes = 256
+    cfg = CurvatureConfig(kind="hutchinson", matrix="ggn", probes=probes)
+    estimate = estimate_curvature(model, [batch], [target], cfg, progress=False)[target].diag.flatten()
+    exact = ggn.diagonal() / tokens
+    assert (estimate >= 0).all()
+    assert float((estimate - exact).norm()) < 2 * (2 / probes) ** 0.5 * float(exact.norm())
 
 
 def test_language_model_diagonal_is_unbiased_within_its_sampling_error():
