@@ -4,15 +4,19 @@ composition of its GPU preset. Timings are reported by the bench, never asserted
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ctrlora.bench import CONF_DIR, main
 from ctrlora.bench.config import BenchSettings, register_bench_config
 from ctrlora.bench.estimators import marginal_and_fixed
+from ctrlora.bench.probes import MemoryProbe
 from ctrlora.bench.suite import compose_train
 from ctrlora.errors import ConfigError
 
@@ -95,3 +99,19 @@ def test_the_llama2_7b_preset_composes_for_the_gpu() -> None:
 def test_the_reference_method_is_required() -> None:
     with pytest.raises(ConfigError, match="bench.methods=.*must include 'lora'"):
         main(["bench.methods=[dora,ctrlora]"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/statm")
+def test_cpu_memory_probe_counts_allocations_not_the_pages_of_a_mapped_checkpoint(tmp_path: Path) -> None:
+    mib = 2**20
+    path = tmp_path / "weights.bin"
+    np.ones(64 * mib // 4, dtype=np.float32).tofile(path)
+    with MemoryProbe(torch.device("cpu"), interval_s=0.001) as probe:
+        probe.start()
+        mapped = np.memmap(path, dtype=np.float32, mode="r")
+        assert float(mapped.sum()) == 64 * mib // 4  # every page read, so resident
+        reading = probe.peak()
+        allocated = torch.ones(64 * mib // 4)
+        allocating = probe.peak()
+    assert reading < 8 * mib <= 60 * mib < allocating
+    del mapped, allocated

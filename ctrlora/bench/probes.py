@@ -87,10 +87,18 @@ class StepClock(L.Callback):
 
 
 def resident_bytes() -> int:
-    """The process's current resident set size (/proc/self/statm on Linux; ru_maxrss elsewhere)."""
+    """The process's anonymous resident memory: resident minus shared pages (/proc/self/statm on Linux;
+    ``ru_maxrss`` elsewhere).
+
+    Shared pages are mostly file-backed: a checkpoint that the loader maps (safetensors) lives in the
+    page cache and enters the resident set only when something first reads it, so plain RSS charges
+    the backbone's weights to whichever phase touches them first (a calibration pass in set-up, the
+    first training step otherwise), not to the process at rest. Anonymous memory is what the run allocates.
+    """
     try:
         with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            fields = statm.read().split()
+        return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux: the monotonic peak is the best available
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
@@ -98,8 +106,8 @@ def resident_bytes() -> int:
 class MemoryProbe:
     """Peak memory above a baseline, phase by phase.
 
-    GPU: CUDA's max allocated bytes. CPU: the resident set size, sampled every `interval_s` by a
-    background thread (``ru_maxrss`` only ever grows over the process's life, so it cannot say what
+    GPU: CUDA's max allocated bytes. CPU: the anonymous resident memory (`resident_bytes`), sampled
+    every `interval_s` by a background thread (``ru_maxrss`` only ever grows over the process's life, so it cannot say what
     one method of several used). Use as a context manager; `start` takes the baseline, `peak` returns
     the highest usage above it since the last `start`/`peak` and begins the next phase.
     """
@@ -107,7 +115,7 @@ class MemoryProbe:
     def __init__(self, device: torch.device, interval_s: float = 0.005) -> None:
         self.device = device
         self.interval_s = interval_s
-        self.source = "cuda_max_allocated" if device.type == "cuda" else "rss_sampled"
+        self.source = "cuda_max_allocated" if device.type == "cuda" else "anonymous_rss_sampled"
         self._baseline = self._highest = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -139,7 +139,8 @@ def markdown(summary: dict[str, Any]) -> str:
         " Step = one whole loop iteration (wall clock, median). CPU = the main thread's CPU time of the"
         " median / the fastest step: other processes inflate it less than the wall clock, the fastest step"
         " least (interference only adds time). Memory: peak above the process at rest (CUDA max allocated,"
-        " or sampled RSS on CPU).",
+        " or sampled anonymous RSS on CPU: the mapped checkpoint's file pages are not counted, whichever"
+        " phase first reads them; glibc's retained free memory is).",
         "",
         "| method | step (ms) | step vs LoRA | CPU vs LoRA (median / min) | tokens/s | train peak (MiB) |"
         " mem vs LoRA | setup peak (MiB) | setup vs LoRA (s) |",

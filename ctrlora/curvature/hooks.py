@@ -62,10 +62,12 @@ def resolve_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Mo
 
 
 def find_targets(model: nn.Module, suffixes: Sequence[str]) -> list[str]:
-    """Names of the linear layers (or PEFT wrappers) whose last name component is in `suffixes`."""
+    """Names of the linear layers (or PEFT wrappers) that PEFT's list matching selects: the name equals a
+    suffix or ends with ``"." + suffix``, so a dotted suffix (``attention.output.dense``) picks one of
+    several same-named layers."""
     found = []
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in suffixes and isinstance(
+        if any(name == suffix or name.endswith("." + suffix) for suffix in suffixes) and isinstance(
             getattr(module, "base_layer", module), nn.Linear
         ):
             found.append(name)

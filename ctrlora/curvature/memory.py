@@ -30,8 +30,11 @@ from transformers import (
     PretrainedConfig,
 )
 
+from ctrlora.backbones import architecture_config
+from ctrlora.config import ModelConfig
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.hooks import base_linear, find_targets
+from ctrlora.errors import ConfigError
 from ctrlora.task_types import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 
 GB = 1e9
@@ -73,6 +76,11 @@ class ModulePlan:
     def factor_numel(self) -> int:
         return sum(f.numel() for f in (self.a, self.g) if f is not None)
 
+    def in_place_numel(self) -> int:
+        """The part of the working accumulators that becomes the stored result in place (dense factors are
+        their own sums divided by the count; so are the raw diagonal and G), never held twice."""
+        return self.extra_numel + sum(f.numel() for f in (self.a, self.g) if f is not None and f.storage == "dense")
+
 
 @dataclass
 class StoragePlan:
@@ -106,10 +114,12 @@ class StoragePlan:
 
     def estimation_peak_bytes(self) -> int:
         """A bound on the statistics' peak during an estimate (weights and activations aside): every stored factor
-        and extra, plus the dense accumulators of the largest layer group (one pass's working set) or,
-        when the gradient is sketched and that is larger, what its passes whiten with: the Cholesky
-        factor of each damped dense factor (a low-rank factor's damped form shares its eigenvectors)."""
-        working = {plan.name: plan.working_numel for plan in self.modules}
+        and extra, plus the dense accumulators of the largest layer group (one pass's working set) that do
+        not become stored results in place (`ModulePlan.in_place_numel`), or, when the gradient is sketched
+        and that is larger, what its passes whiten with: the Cholesky factor of each damped dense factor (a
+        low-rank factor's damped form shares its eigenvectors). Targets that share an input (q/k/v,
+        gate/up) share one S_a, which the plan counts per target: an upper bound."""
+        working = {plan.name: plan.working_numel - plan.in_place_numel() for plan in self.modules}
         largest_group = self.element_bytes * max((sum(working[name] for name in group) for group in self.groups), default=0)
         whitening = self.element_bytes * sum(
             f.numel() for plan in self.modules for f in (plan.a, plan.g) if f is not None and f.storage == "dense"
@@ -292,11 +302,20 @@ def memory_report(
     return plan_storage(target_shapes(model, targets), cfg, element_bytes=element_bytes, want_grad=want_grad)
 
 
+def model_config(name: str) -> ModelConfig:
+    """conf/model/<name>.yaml as a `ModelConfig`; `ConfigError` naming the valid names when there is none."""
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"--model {name!r}: no {path}; valid: {valid}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: print the factor memory report of a decoder, named (``--model llama2-7b``: the `arch` of
     conf/model/<name>.yaml) or described by its shape."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="a conf/model name with an `arch` section, e.g. llama2-7b")
+    parser.add_argument("--model", default=None, help="a conf/model name, e.g. llama2-7b (its `arch`, or the tiny builder's shape)")
     parser.add_argument("--model-type", default="llama")
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--intermediate", type=int)
@@ -311,8 +330,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--factor-rank", type=int, default=CurvatureConfig.factor_rank)
     parser.add_argument("--max-factor-gb", type=float, default=None)
     args = parser.parse_args(argv)
+    task, suffixes = CAUSAL_LM, DEFAULT_TARGET_SUFFIXES
     if args.model is not None:
-        config: Any = dict(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml").arch))
+        try:
+            model = model_config(args.model)
+        except ConfigError as error:
+            parser.error(str(error))
+        config: Any = architecture_config(model)
+        task, suffixes = model.task, tuple(model.target_modules)
     elif None in (args.hidden, args.intermediate, args.layers, args.heads):
         parser.error("give --model NAME, or --hidden, --intermediate, --layers and --heads")
     else:
@@ -325,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         kind=args.kind, grad_mode=args.grad_mode, dense_max_dim=args.dense_max_dim, factor_rank=args.factor_rank,
         max_factor_gb=args.max_factor_gb,
     )
-    print(memory_report(config, cfg, want_grad=args.want_grad).format())
+    print(memory_report(config, cfg, target_suffixes=suffixes, task=task, want_grad=args.want_grad).format())
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ through the root PEFT model. Re-allocation needs one process.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -87,7 +88,7 @@ class CtrLoraMethod(AllocatingMethod):
         cfg = self.ctx.curvature
         self.trust = TrustRegion(settings, self.total_steps, damping=cfg.damping, pi_split=cfg.pi_damping)
         self.refresher = CtrRefresher(self, schedule, self.total_steps)
-        self.spectra: dict[str, WhitenedSpectrum] = {}
+        self.utilities: dict[str, list[float]] = {}  # u_k = ½σ_k² per target (the singular vectors are not kept)
 
     @property
     def settings(self) -> CtrSettings:
@@ -120,7 +121,7 @@ class CtrLoraMethod(AllocatingMethod):
         self.resolve(model)
         self.r_max = self.default_r_max(settings.r_max)
         names = list(self.shapes)
-        curvature = None
+        curvature, spectra = None, {}
         if self.needs_curvature:
             if calibration is None:
                 raise ConfigError("method=ctrlora needs the calibration loader (calibration.num_samples > 0)")
@@ -131,13 +132,17 @@ class CtrLoraMethod(AllocatingMethod):
             )
             self.trust.loss_scale = tokens_per_loss_term(calibration, input_device(model))
             if want_grad:
-                self.spectra = self.adapted_spectra(curvature, names)
+                spectra = self.adapted_spectra(curvature, names)
+                self.utilities = {name: spectrum.utilities() for name, spectrum in spectra.items()}
         if settings.allocation == "uniform":
             self.ranks = {name: min(max(self.budget.rank, settings.r_min), self.r_max) for name in names}
         else:
-            self.ranks = self.greedy_ranks(self.spectra, settings.r_min, self.r_max, settings.score)
+            self.ranks = self.greedy_ranks(spectra, settings.r_min, self.r_max, settings.score)
         self.calibration = calibration
-        self.peft_model = self.wrap(model, self.allocated_config(self.ranks), lambda m: self.initialise(m, curvature))
+        # the singular vectors (m + n) × r_max per target serve the initialisation only: not held in training
+        self.peft_model = self.wrap(
+            model, self.allocated_config(self.ranks), lambda m: self.initialise(m, curvature, spectra)
+        )
         self.layers = lora_layers(self.peft_model)
         self.trust.build(curvature, self.layers)
         if settings.refresh_source == "training" and refreshing:
@@ -151,15 +156,17 @@ class CtrLoraMethod(AllocatingMethod):
             curvature, names, self.r_max, oversampling=settings.oversampling, power_iters=settings.power_iters
         )
 
-    def initialise(self, peft_model: PeftModel, curvature: CurvatureResult | None) -> None:
-        """``ctr.init: curvature`` factors, and the anchors of inits that move the base weights."""
+    def initialise(
+        self, peft_model: PeftModel, curvature: CurvatureResult | None, spectra: Mapping[str, WhitenedSpectrum]
+    ) -> None:
+        """``ctr.init: curvature`` factors (from `spectra`), and the anchors of inits that move the base weights."""
         cfg = self.curvature_settings()
         pairs = DampedPairs(cfg.damping, cfg.pi_damping)
         for name, layer in lora_layers(peft_model).items():
             if self.settings.init == "curvature":
                 a, g = pairs(curvature[name])
                 set_adapter(layer, *curvature_step_factors(
-                    self.spectra[name], a, g, self.ranks[name], self.settings.init_scale, layer.scaling[ADAPTER]
+                    spectra[name], a, g, self.ranks[name], self.settings.init_scale, layer.scaling[ADAPTER]
                 ))
             if self.converts_on_export:
                 self.trust.anchor(name, layer)
@@ -176,8 +183,7 @@ class CtrLoraMethod(AllocatingMethod):
     def allocation_record(self) -> dict[str, Any]:
         """allocation.json at the current ranks: utilities per module, r_max, compose and the re-allocations."""
         modules = {}
-        for name, spectrum in self.spectra.items():
-            utilities = spectrum.utilities()
+        for name, utilities in self.utilities.items():
             modules[name] = {"utility": sum(utilities[: self.ranks[name]]), "utilities": utilities}
         record = self.base_record(modules, self.settings)
         record.update(r_max=self.r_max, compose=self.settings.compose, reallocations=self.refresher.history)

@@ -92,6 +92,7 @@ class CtrRefresher:
         method, step = self.method, trainer.global_step
         start = time.perf_counter()
         moving = method.settings.reallocate and step < method.settings.freeze_at * self.total_steps
+        method.trust.release()
         if self.training_statistics is not None:
             result = self.training_statistics.result()
         else:

@@ -71,6 +71,11 @@ class TrustRegion:
             metrics[name] = ModuleMetric(s_g=s_g.to(device, dtype), s_a=shared[id(raw.a)], scaling=layer.scaling[ADAPTER])
         self.penalty = TrustRegionPenalty(metrics)
 
+    def release(self) -> None:
+        """Drop the metric until the next `build` (a refresh re-estimates it: the old and the new metric are
+        then never held at once)."""
+        self.penalty = None
+
     def anchor(self, name: str, layer: nn.Module) -> None:
         """Record the layer's initial adapter ``s·B⁰, A⁰`` as the origin of its displacement."""
         B, A = adapter_parameters(layer)

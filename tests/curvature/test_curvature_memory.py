@@ -169,8 +169,8 @@ def test_the_estimation_peak_is_the_factors_plus_the_largest_group_and_a_7b_grad
     accumulators = 4 * sum(module.working_numel for module in uncapped.modules)
     assert accumulators == uncapped.dense_factor_bytes()  # with G sketched: S_a and S_g of every target
     cholesky = 4 * sum(f.dim**2 for module in uncapped.modules for f in (module.a, module.g) if f.storage == "dense")
-    assert 0 < cholesky < accumulators  # uncapped, the 4096-wide factors are dense
-    assert uncapped.estimation_peak_bytes() == uncapped.factor_bytes() + accumulators
+    assert 0 < cholesky < accumulators  # uncapped, the 4096-wide factors are dense: their sums are their storage
+    assert uncapped.estimation_peak_bytes() == uncapped.factor_bytes() + accumulators - cholesky
     capped = memory_report(llama_config(shape), CurvatureConfig(max_factor_gb=8), want_grad=True)
     largest = max(sum(capped.module(name).working_numel for name in group) for group in capped.groups)
     assert 4 * largest <= 8 * GB and len(capped.groups) > 1
@@ -180,9 +180,43 @@ def test_the_estimation_peak_is_the_factors_plus_the_largest_group_and_a_7b_grad
     assert capped.estimation_peak_bytes() == capped.factor_bytes() + 4 * largest
 
 
+def test_a_dense_plan_holds_its_accumulators_once_and_matches_an_estimate(tmp_path):
+    """All-dense factors and dense G (tiny-llama, K-FAC with G): the sums are divided in place, so the peak of
+    the statistics is what is stored — the bytes the estimate's result holds, up to S_a shared by q/k/v and
+    gate/up, which the plan counts per target."""
+    model = tiny_llama()
+    targets = targets_of(model)
+    cfg = CurvatureConfig()
+    plan = plan_storage(target_shapes(model, targets), cfg, element_bytes=8, want_grad=True)
+    assert not plan.sketch and len(plan.groups) == 1
+    assert plan.estimation_peak_bytes() == plan.factor_bytes() + plan.extra_bytes()
+    result = estimate_curvature(model, lm_batches(), targets, cfg, want_grad=True, progress=False)
+    held = {
+        id(t): t.numel() * t.element_size()
+        for curvature in result.modules.values()
+        for t in [*curvature.a.tensors().values(), *curvature.g.tensors().values(), curvature.grad]
+    }
+    shared_inputs = sum(
+        8 * plan.module(name).a.numel() for name in targets if name.endswith(("k_proj", "v_proj", "up_proj"))
+    )
+    assert sum(held.values()) == plan.estimation_peak_bytes() - shared_inputs
+
+
 def test_the_cli_reads_a_model_presets_arch(capsys):
     main(["--model", "llama2-7b", "--want-grad", "--max-factor-gb", "8"])
     printed = capsys.readouterr().out
     plan = memory_report(llama_config(LLAMA2_7B), CurvatureConfig(max_factor_gb=8), want_grad=True)
     assert f"estimation peak (statistics, besides weights and activations): {plan.estimation_peak_bytes() / GB:.2f} GB" in printed
     assert "model.layers.31.mlp.down_proj" in printed
+
+
+def test_the_cli_plans_a_tiny_builder_preset_and_names_the_valid_presets(capsys):
+    main(["--model", "bench-small", "--want-grad"])
+    printed = capsys.readouterr().out
+    assert "model.layers.9.mlp.down_proj" in printed and "passes: 1" in printed
+    main(["--model", "minilm-l6"])  # an encoder: its own target names and task
+    assert "bert.encoder.layer.5.output.dense" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--model", "llama9"])
+    error = capsys.readouterr().err
+    assert "no " in error and "llama9.yaml" in error and "valid: bench-small, " in error

@@ -50,7 +50,7 @@ def test_utilities_are_half_squared_singular_values_and_the_greedy_spends_the_bu
         whitened = matrix_power(dense["g"], -0.5) @ dense["grad"] @ matrix_power(dense["a"], -0.5)
         sigma = torch.linalg.svdvals(whitened)[: method.r_max]
         utilities[name] = (0.5 * sigma**2).tolist()
-        assert method.spectra[name].utilities() == pytest.approx(utilities[name], rel=1e-8), name
+        assert method.utilities[name] == pytest.approx(utilities[name], rel=1e-8), name
 
     costs = method.costs
     expected = allocate_ranks(utilities, costs, method.budget.allowed_params, 0, method.r_max, "greedy")
@@ -282,7 +282,7 @@ def test_utilities_come_from_an_exact_svd_where_a_randomized_one_is_off(tmp_path
         whitened = matrix_power(dense["g"], -0.5) @ dense["grad"] @ matrix_power(dense["a"], -0.5)
         assert min(whitened.shape) > method.r_max + 10, name
         sigma = torch.linalg.svdvals(whitened)[: method.r_max]
-        assert method.spectra[name].utilities() == pytest.approx((0.5 * sigma**2).tolist(), rel=1e-9), name
+        assert method.utilities[name] == pytest.approx((0.5 * sigma**2).tolist(), rel=1e-9), name
         approximate = randomized_svd(whitened, method.r_max, oversampling=10, power_iters=0)[1]
         worst_randomized = max(worst_randomized, relative_error(approximate, sigma))
     assert worst_randomized > 1e-3  # what the exact SVD is for

@@ -70,10 +70,18 @@ def test_refreshes_happen_at_the_refresh_steps_with_fresh_estimates_and_lambda_f
     initial = metric_factors(run.method)
     batch = next(iter(run.datamodule.calibration_dataloader()))
     before = mean_token_loss(run.model, [batch])
+    metric_held_while_estimating, estimate = [], run.method.refresher.estimate_at_current_weights
+
+    def recording_estimate(**kwargs):
+        metric_held_while_estimating.append(run.method.trust.penalty is not None)
+        return estimate(**kwargs)
+
+    run.method.refresher.estimate_at_current_weights = recording_estimate
     run.trainer.fit(run.module, datamodule=run.datamodule)
 
     assert run.method.trust.loss_scale == 1.0
     assert [refresh["step"] for refresh in run.method.refresher.refreshes] == [5, 10, 15]
+    assert metric_held_while_estimating == [False] * 3  # the old metric goes before the new one is estimated
     for name, (a, g) in probe.used.items():
         fresh_a, fresh_g = expected_metric(probe.fresh[name], cfg)
         assert relative_error(a, fresh_a) < 1e-6, name
