@@ -150,3 +150,5 @@ def test_a_method_has_only_its_own_keys_and_a_bad_choice_fails_before_anything_l
         validate_config(compose_config(["method=ctrlora", "method.ctr.compose=dorra"]))
     with pytest.raises(ConfigError, match=r"method\.cg\.score='rw' is not valid"):
         validate_config(compose_config(["method=cg_lora", "method.cg.score=rw"]))
+    with pytest.raises(ConfigError, match=r"method\.ctr\.metric_rank=0 must be >= 1 \(or null"):
+        validate_config(compose_config(["method=ctrlora", "method.ctr.metric_rank=0"]))

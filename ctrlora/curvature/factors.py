@@ -206,6 +206,15 @@ class LowRankFactor(Factor):
     def scaled(self, scale: float) -> LowRankFactor:
         return LowRankFactor(self.eigvecs, self.eigvals * scale, self.isotropic * scale)
 
+    def truncated(self, rank: int) -> LowRankFactor:
+        """The top-`rank` eigenpairs plus the mean of all the others (trace preserved), as `DenseFactor.truncated`."""
+        if not 0 < rank < self.rank:
+            raise ValueError(f"rank must lie in [1, {self.rank - 1}] for a factor of rank {self.rank}, got {rank}")
+        order = self.eigvals.argsort(descending=True)
+        kept, dropped = order[:rank], order[rank:]
+        rest = (self.eigvals[dropped].sum() + self.isotropic * (self.dim - self.rank)) / (self.dim - rank)
+        return LowRankFactor(self.eigvecs[:, kept].contiguous(), self.eigvals[kept], rest)
+
     def tensors(self) -> dict[str, Tensor]:
         return {"eigvecs": self.eigvecs, "eigvals": self.eigvals, "isotropic": self.isotropic}
 

@@ -126,6 +126,19 @@ class StoragePlan:
         )
         return self.factor_bytes() + self.extra_bytes() + max(largest_group, whitening if self.sketch else 0)
 
+    def metric_bytes(self, rank: int | None, element_bytes: int = 2) -> int:
+        """CTR-LoRA's trust-region metric in training if every target were adapted (`ctr_trust.held_at_rank`): each
+        factor as stored, or at most `rank` eigenpairs plus an isotropic term (``ctr.metric_rank``), in
+        ``element_bytes`` (2: bf16 on a bf16 backbone). Counts S_a per target, like the factors."""
+
+        def numel(factor: FactorPlan) -> int:
+            width = factor.rank if factor.storage == "low_rank" else factor.dim
+            if rank is None or factor.storage == "diagonal" or rank >= width:
+                return factor.numel()
+            return factor.dim * rank + rank + 1
+
+        return element_bytes * sum(numel(f) for plan in self.modules for f in (plan.a, plan.g) if f is not None)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -144,8 +157,9 @@ class StoragePlan:
             ],
         }
 
-    def format(self) -> str:
-        """A plain-text table: one line per target, then the totals."""
+    def format(self, metric_rank: int | None = None) -> str:
+        """A plain-text table: one line per target, then the totals (and, given ``ctr.metric_rank``, the
+        trust-region metric at that rank)."""
         lines = [f"{'target':<48} {'d_in':>6} {'d_out':>6}  {'S_a':<16} {'S_g':<16} {'MB':>9}"]
         for plan in self.modules:
             a = plan.a.describe() if plan.a else "-"
@@ -158,6 +172,12 @@ class StoragePlan:
             f"other stored: {self.extra_bytes() / GB:.2f} GB, passes: {len(self.groups)}\n"
             f"estimation peak (statistics, besides weights and activations): {self.estimation_peak_bytes() / GB:.2f} GB"
         )
+        if metric_rank is not None:
+            lines.append(
+                f"CTR-LoRA's trust-region metric in training, every target adapted, bf16: "
+                f"{self.metric_bytes(None) / GB:.2f} GB as estimated, {self.metric_bytes(metric_rank) / GB:.2f} GB "
+                f"at ctr.metric_rank={metric_rank}"
+            )
         return "\n".join(lines)
 
 
@@ -329,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dense-max-dim", type=int, default=CurvatureConfig.dense_max_dim)
     parser.add_argument("--factor-rank", type=int, default=CurvatureConfig.factor_rank)
     parser.add_argument("--max-factor-gb", type=float, default=None)
+    parser.add_argument("--metric-rank", type=int, default=None, help="also CTR-LoRA's metric at ctr.metric_rank=K")
     args = parser.parse_args(argv)
     task, suffixes = CAUSAL_LM, DEFAULT_TARGET_SUFFIXES
     if args.model is not None:
@@ -350,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         kind=args.kind, grad_mode=args.grad_mode, dense_max_dim=args.dense_max_dim, factor_rank=args.factor_rank,
         max_factor_gb=args.max_factor_gb,
     )
-    print(memory_report(config, cfg, target_suffixes=suffixes, task=task, want_grad=args.want_grad).format())
+    plan = memory_report(config, cfg, target_suffixes=suffixes, task=task, want_grad=args.want_grad)
+    print(plan.format(args.metric_rank))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ctrlora.curvature.factor_base import Factor
+from ctrlora.curvature.factors import LowRankFactor
 from ctrlora.curvature.lowrank import DampedPairs
 from ctrlora.curvature.result import CurvatureResult
 from ctrlora.methods.settings import CtrSettings
@@ -33,13 +35,23 @@ def metric_dtype(layer: nn.Module) -> torch.dtype | None:
     return torch.bfloat16 if compute == torch.bfloat16 else None
 
 
+def held_at_rank(factor: Factor, rank: int | None) -> Factor:
+    """`factor` as the metric holds it: with ``ctr.metric_rank`` = k, a dense or low-rank factor wider than k
+    becomes its top-k eigenpairs plus the mean of the other eigenvalues (trace kept: d·k numbers
+    instead of d²); a diagonal one, a narrower one or any factor at k = None stays as it is."""
+    if rank is None or factor.storage == "diagonal":
+        return factor
+    width = factor.rank if isinstance(factor, LowRankFactor) else factor.dim
+    return factor.truncated(rank) if rank < width else factor
+
+
 class TrustRegion:
     """The penalty of the adapted modules; `loss` is the term added to the training loss."""
 
     def __init__(self, settings: CtrSettings, total_steps: int, *, damping: float, pi_split: bool) -> None:
         self.enabled, self.fisher = settings.trust_region, settings.metric == "fisher"
         self.schedule = LambdaSchedule(settings.lambda_schedule, settings.lambda0 if self.enabled else 0.0, total_steps)
-        self.damping, self.pi_split = damping, pi_split
+        self.damping, self.pi_split, self.metric_rank = damping, pi_split, settings.metric_rank
         self.penalty: TrustRegionPenalty | None = None
         self.anchors: dict[str, tuple[Tensor, Tensor]] = {}
         self.loss_scale = 1.0  # T/N of the calibration set: the fisher metric in training-loss units
@@ -53,7 +65,8 @@ class TrustRegion:
 
         ``fisher``: the damped raw factors with S_g times ``T/N`` (`loss_scale`), so ``½‖ΔW‖²_M`` is
         the K-FAC model of the training loss itself; ``normalized``: each factor at unit mean
-        eigenvalue (the ablation whose scale depends on nothing but the shapes).
+        eigenvalue (the ablation whose scale depends on nothing but the shapes). ``ctr.metric_rank``
+        truncates them after damping (`held_at_rank`).
         """
         if not self.enabled or curvature is None:
             self.penalty = None
@@ -66,8 +79,9 @@ class TrustRegion:
             a, g = pairs(raw)
             device, dtype = adapter_parameters(layer)[0].device, metric_dtype(layer)
             if id(raw.a) not in shared:
-                shared[id(raw.a)] = (a if self.fisher else a.normalized()).to(device, dtype)
-            s_g = g.scaled(self.loss_scale) if self.fisher else g.normalized()
+                s_a = a if self.fisher else a.normalized()
+                shared[id(raw.a)] = held_at_rank(s_a, self.metric_rank).to(device, dtype)
+            s_g = held_at_rank(g.scaled(self.loss_scale) if self.fisher else g.normalized(), self.metric_rank)
             metrics[name] = ModuleMetric(s_g=s_g.to(device, dtype), s_a=shared[id(raw.a)], scaling=layer.scaling[ADAPTER])
         self.penalty = TrustRegionPenalty(metrics)
 

@@ -92,6 +92,7 @@ class CtrSettings:
     init_scale: float = 1e-3
     trust_region: bool = True
     metric: str = "fisher"  # fisher (damped raw factors: the penalty in loss units) | normalized (unit mean, ablation)
+    metric_rank: int | None = None  # metric factors held as top-k eigenpairs + isotropic rest; null: as estimated
     lambda0: float = 0.1
     lambda_schedule: str = "cosine"  # cosine | linear | constant
     refresh_every: int = 500
@@ -118,6 +119,8 @@ class CtrSettings:
         for key in ("refresh_every", "refresh_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"method.ctr.{key}={getattr(self, key)} must be >= 1")
+        if self.metric_rank is not None and self.metric_rank < 1:
+            raise ConfigError(f"method.ctr.metric_rank={self.metric_rank} must be >= 1 (or null: the factors as estimated)")
         if self.oversampling < 0 or self.power_iters < 0:
             raise ConfigError(
                 f"method.ctr.oversampling={self.oversampling} and power_iters={self.power_iters} must be >= 0"

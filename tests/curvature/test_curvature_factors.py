@@ -86,6 +86,16 @@ def test_low_rank_factor_is_exact_for_its_matrix_and_within_truncation_error_of_
     assert bound < 0.1 * float(eigvals[0])  # the truncation error is small for this spectrum
 
 
+def test_a_low_rank_factor_truncates_as_the_dense_one_would():
+    matrix, eigvals = decaying_spectrum_matrix()
+    dense = DenseFactor(matrix)
+    smaller = dense.truncated(RANK).truncated(RANK // 2)  # the kept eigenpairs and the mean of all the others
+    assert smaller.rank == RANK // 2 and smaller.trace() == pytest.approx(float(eigvals.sum()), rel=1e-12)
+    assert_close(smaller.dense(), dense.truncated(RANK // 2).dense(), 1e-10)
+    with pytest.raises(ValueError, match="rank must lie in"):
+        smaller.truncated(RANK // 2)
+
+
 def test_diagonal_factor_matches_its_matrix():
     diagonal = torch.linspace(0.5, 3.0, DIM, dtype=torch.float64)
     check_consistent(DiagonalFactor(diagonal), torch.diag(diagonal))

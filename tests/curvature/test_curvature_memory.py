@@ -220,3 +220,14 @@ def test_the_cli_plans_a_tiny_builder_preset_and_names_the_valid_presets(capsys)
         main(["--model", "llama9"])
     error = capsys.readouterr().err
     assert "no " in error and "llama9.yaml" in error and "valid: bench-small, " in error
+
+
+def test_the_metric_at_a_rank_holds_d_times_k_numbers_for_each_factor_wider_than_k(capsys):
+    plan = plan_storage({"x": (8, 6)}, CurvatureConfig())  # S_a 8×8, S_g 6×6, both dense
+    assert plan.metric_bytes(None) == 2 * (64 + 36) == plan.metric_bytes(8)
+    assert plan.metric_bytes(4) == 2 * ((8 * 4 + 5) + (6 * 4 + 5))
+    assert plan.metric_bytes(7, element_bytes=4) == 4 * ((8 * 7 + 8) + 36)  # S_g is not wider than 7
+    main(["--model", "llama2-7b", "--want-grad", "--metric-rank", "64"])
+    printed = capsys.readouterr().out.splitlines()[-1]
+    full = memory_report(llama_config(LLAMA2_7B), CurvatureConfig(), want_grad=True)
+    assert f"{full.metric_bytes(None) / GB:.2f} GB as estimated, {full.metric_bytes(64) / GB:.2f} GB at ctr.metric_rank=64" in printed

@@ -16,6 +16,7 @@ from test_run import StopAtStep
 
 from ctrlora import report
 from ctrlora.curvature.estimate import estimate_curvature
+from ctrlora.curvature.factors import DenseFactor, LowRankFactor
 from ctrlora.curvature.lowrank import damped_factors
 from ctrlora.errors import ConfigError
 from ctrlora.methods.cg_lora import mean_token_loss
@@ -239,3 +240,25 @@ def test_a_bf16_backbone_keeps_the_metric_in_bf16_at_half_the_memory(tmp_path: P
         A = torch.randn(4, metric.s_a.dim, generator=generator)
         exact = kronecker_penalty(B, A, metric.scaling, metric.s_g.to(dtype=torch.float32), metric.s_a.to(dtype=torch.float32))
         assert abs(float(kronecker_penalty(B, A, metric.scaling, metric.s_g, metric.s_a) / exact) - 1) < 1e-2, name
+
+
+def test_metric_rank_holds_each_wide_metric_factor_as_its_top_eigenpairs_and_trains(tmp_path: Path) -> None:
+    run = build_run(tmp_path, "ctrlora", "method.ctr.metric_rank=4")
+    cfg = run.method.curvature_settings()
+    metrics = run.method.trust.penalty.metrics
+    step0 = estimate_curvature(run.model.get_base_model(), run.datamodule.calibration_dataloader(), list(metrics), cfg, progress=False)
+    held = 0
+    for name, metric in metrics.items():
+        for factor, full in zip((metric.s_a, metric.s_g), expected_metric(step0[name], cfg), strict=True):
+            if full.shape[0] <= 4:
+                assert isinstance(factor, DenseFactor), name
+                continue
+            assert isinstance(factor, LowRankFactor) and factor.rank == 4, name
+            assert relative_error(factor.dense(), DenseFactor(full).truncated(4).dense()) < 1e-5, name
+            held += 1
+    assert held > len(metrics)  # both sides of most modules are wider than 4
+    batch = next(iter(run.datamodule.calibration_dataloader()))
+    before = mean_token_loss(run.model, [batch])
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert mean_token_loss(run.model, [batch]) < before - 0.05
+    assert float(run.trainer.callback_metrics["method/penalty"]) > 0
