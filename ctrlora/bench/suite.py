@@ -79,6 +79,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     start, load_start = time.perf_counter(), load_average()
     order = measurement_order(settings.methods)
+    defaults = {name: method_defaults(name, settings) for name in settings.methods}  # composed first: a bad config fails now
     with TemporaryDirectory(prefix="ctrlora-bench-") as workdir, MemoryProbe(device) as probe:
         def run_config(method: str, run_name: str | None = None) -> Callable[[list[str]], TrainConfig]:
             base = settings.train_overrides_for(method, accelerator, f"{workdir}/{run_name or method}")
@@ -103,7 +104,6 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     methods = {name: methods[name] for name in settings.methods}
     for measured in methods.values():
         measured["results"]["run"].pop("run_dir", None)  # a temporary dir, gone by now
-    defaults = {name: method_defaults(name, settings) for name in settings.methods}
     summary = summarise(
         methods, bare, estimators, defaults, settings.train_length, list(settings.fraction_samples)
     )
