@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ctrlora.curvature.config import CurvatureConfig
+from ctrlora.curvature.hutchinson import GGN_PROBES
 from ctrlora.curvature.result import CurvatureResult
 from ctrlora.curvature.sketch import SKETCH_WHITENING
 
@@ -39,6 +40,8 @@ def estimator_settings(
             settings["mc_samples"] = cfg.mc_samples
     if cfg.kind == "hutchinson":
         settings.update(probes=cfg.probes, matrix=cfg.matrix)
+        if cfg.matrix == "ggn":
+            settings["ggn_probes"] = GGN_PROBES  # where the probes live (other draws, other estimates)
     else:
         settings.update(
             dense_max_dim=cfg.dense_max_dim, factor_rank=cfg.factor_rank, max_factor_gb=cfg.max_factor_gb

@@ -45,6 +45,7 @@ from ctrlora.curvature.runtime import (
 
 Product = Callable[[Sequence[Tensor]], Sequence[Tensor]]
 Generators = dict[torch.device, torch.Generator]
+GGN_PROBES = "output_space"  # part of the cache key: diag(GGN) from u = Jᵀ S z (before: v ⊙ Gv, v over the weights)
 
 
 def kronecker_fit(curvature: ModuleCurvature) -> ModuleCurvature:
@@ -118,11 +119,12 @@ def estimate_hutchinson(
                 batch = batch_to_device(batch, device)
                 tokens += int(objective.token_mask(batch).sum())
                 outputs = objective.forward(model, batch)
+                loss = objective.loss(outputs, batch)  # also checks the labels, which the GGN itself never reads
                 if cfg.matrix == "hessian":
-                    grads = _add_hessian_probes(diag_sums, objective.loss(outputs, batch), params, cfg, generators)
+                    grads = _add_hessian_probes(diag_sums, loss, params, cfg, generators)
                 else:
                     _add_ggn_probes(diag_sums, outputs, objective, batch, params, cfg, generators)
-                    grads = torch.autograd.grad(objective.loss(outputs, batch), params) if want_dense_grad else ()
+                    grads = torch.autograd.grad(loss, params) if want_dense_grad else ()
                 for total, grad in zip(grad_sums, grads, strict=False):
                     total.add_(grad.detach().to(dtype))
     finally:
@@ -135,8 +137,8 @@ def estimate_hutchinson(
     result = {}
     for index, name in enumerate(weights):
         curvature = ModuleCurvature(
-            diag=diag_sums[index] / (cfg.probes * tokens),
-            grad=grad_sums[index] / tokens if want_dense_grad else None,
+            diag=diag_sums[index].div_(cfg.probes * tokens),  # in place: the sums are the stored estimate
+            grad=grad_sums[index].div_(tokens) if want_dense_grad else None,
             tokens=tokens,
         )
         result[name] = kronecker_fit(curvature)
@@ -149,7 +151,7 @@ def _add_hessian_probes(
     """Add ``Σ_k v_k ⊙ (H v_k)`` over `cfg.probes` Rademacher v to `diag_sums`; return the gradient."""
     product, grads = _hessian_product(loss, params)
     for _ in range(cfg.probes):
-        probes = [_rademacher(p, generators, cfg.seed) for p in params]
+        probes = [_rademacher(p.shape, p.dtype, p.device, generators, cfg.seed) for p in params]
         for total, probe, image in zip(diag_sums, probes, product(probes), strict=True):
             total.addcmul_(probe.to(total.dtype), image.to(total.dtype))
     return grads
@@ -164,18 +166,27 @@ def _add_ggn_probes(
     cfg: CurvatureConfig,
     generators: Generators,
 ) -> None:
-    """Add ``Σ_k u_k ⊙ u_k``, ``u_k = Jᵀ S z_k`` over `cfg.probes` Rademacher z in the output space."""
+    """Add ``Σ_k u_k ⊙ u_k``, ``u_k = Jᵀ S z_k`` over `cfg.probes` Rademacher z on the rows the loss depends
+    on (S and its softmax once per batch; one buffer for the backward's output gradient)."""
+    root = objective.loss_hessian_root(outputs.detach(), batch)
+    buffer = torch.zeros_like(outputs) if root.rows is not None else None
     for _ in range(cfg.probes):
-        seed = objective.loss_hessian_root(outputs.detach(), batch, _rademacher(outputs, generators, cfg.seed))
-        images = torch.autograd.grad(outputs, params, seed, retain_graph=True)
-        for total, image in zip(diag_sums, images, strict=True):
+        images = root.apply(_rademacher(root.shape, torch.float32, outputs.device, generators, cfg.seed))
+        if buffer is None:
+            output_grad = images.to(outputs.dtype)
+        else:
+            buffer[root.rows] = images.to(outputs.dtype)
+            output_grad = buffer
+        for total, image in zip(diag_sums, torch.autograd.grad(outputs, params, output_grad, retain_graph=True), strict=True):
             image = image.to(total.dtype)
             total.addcmul_(image, image)
 
 
-def _rademacher(param: Tensor, generators: Generators, seed: int) -> Tensor:
-    if param.device not in generators:
-        generators[param.device] = seeded_generator(seed, param.device)
-    # drawn in the tensor's dtype (the same draws as int64, without an 8-byte-per-element detour)
-    signs = torch.randint(0, 2, param.shape, generator=generators[param.device], device=param.device, dtype=param.dtype)
+def _rademacher(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device, generators: Generators, seed: int
+) -> Tensor:
+    if device not in generators:
+        generators[device] = seeded_generator(seed, device)
+    # drawn in the target dtype (the same draws as int64, without an 8-byte-per-element detour)
+    signs = torch.randint(0, 2, shape, generator=generators[device], device=device, dtype=dtype)
     return signs.mul_(2).sub_(1)

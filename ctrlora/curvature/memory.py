@@ -129,7 +129,8 @@ class StoragePlan:
     def metric_bytes(self, rank: int | None, element_bytes: int = 2) -> int:
         """CTR-LoRA's trust-region metric in training if every target were adapted (`ctr_trust.held_at_rank`): each
         factor as stored, or at most `rank` eigenpairs plus an isotropic term (``ctr.metric_rank``), in
-        ``element_bytes`` (2: bf16 on a bf16 backbone). Counts S_a per target, like the factors."""
+        ``element_bytes`` (2: bf16 on a bf16 backbone). An upper bound: it counts per target the S_a that
+        q/k/v and gate/up share in the metric (llama2-7b: 12.35 GB counted, about 9.1 GB held)."""
 
         def numel(factor: FactorPlan) -> int:
             width = factor.rank if factor.storage == "low_rank" else factor.dim
@@ -355,9 +356,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.model is not None:
         try:
             model = model_config(args.model)
+            config: Any = architecture_config(model)
         except ConfigError as error:
             parser.error(str(error))
-        config: Any = architecture_config(model)
         task, suffixes = model.task, tuple(model.target_modules)
     elif None in (args.hidden, args.intermediate, args.layers, args.heads):
         parser.error("give --model NAME, or --hidden, --intermediate, --layers and --heads")

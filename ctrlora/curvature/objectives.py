@@ -26,7 +26,7 @@ sequences of a classifier, rows of squared error — so a quadratic model of the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,14 +47,6 @@ def _accumulation_precision(t: Tensor) -> Tensor:
 
 def _logits(output: Any) -> Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
-
-
-def softmax_hessian_root(logits: Tensor, vectors: Tensor) -> Tensor:
-    """``S v`` row by row for ``S = (I − p1ᵀ) diag(√p)``, p = softmax(logits): ``S Sᵀ = diag(p) − ppᵀ``,
-    the Hessian of cross-entropy in the logits (using ``Σp = 1``). Computed in fp32 or wider."""
-    probs = _accumulation_precision(logits.detach()).softmax(-1)
-    scaled = probs.sqrt() * vectors.to(probs.dtype)
-    return scaled - probs * scaled.sum(-1, keepdim=True)
 
 
 class Objective(ABC):
@@ -85,10 +77,33 @@ class Objective(ABC):
         """Labels drawn from the model's predictive distribution (for the MC Fisher)."""
 
     @abstractmethod
-    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor], vectors: Tensor) -> Tensor:
-        """``S v`` for each output row, where ``S Sᵀ = H_ℓ`` is the Hessian of the summed loss in that row of
-        outputs (zero rows where the loss does not depend on the outputs); shaped like `outputs`, in the
-        outputs' dtype. With Rademacher v, ``E[(Jᵀ S v)(Jᵀ S v)ᵀ] = Jᵀ H_ℓ J``: the Gauss–Newton matrix."""
+    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor]) -> LossHessianRoot:
+        """The factor ``S`` (``S Sᵀ = H_ℓ``, the Hessian of the summed loss in one row of outputs) of the rows
+        the loss depends on, computed once per batch. With Rademacher v, ``E[(Jᵀ S v)(Jᵀ S v)ᵀ] = Jᵀ H_ℓ J``:
+        the Gauss–Newton matrix."""
+
+
+@dataclass(frozen=True)
+class LossHessianRoot:
+    """``S v`` for the rows of the outputs the loss depends on (`rows`: a bool mask, None for every row)."""
+
+    rows: Tensor | None
+    shape: torch.Size  # of the vectors `apply` takes: (selected rows, output dim)
+    apply: Callable[[Tensor], Tensor]  # v -> S v, in fp32 or wider
+
+
+def softmax_hessian_root(logits: Tensor, rows: Tensor | None) -> LossHessianRoot:
+    """``S = (I − p1ᵀ) diag(√p)`` row by row, p = softmax(logits[rows]): ``S Sᵀ = diag(p) − ppᵀ`` (using
+    ``Σp = 1``), the Hessian of cross-entropy in the logits; p and √p are computed once."""
+    selected = logits if rows is None else logits[rows]
+    probs = _accumulation_precision(selected.detach()).softmax(-1)
+    roots = probs.sqrt()
+
+    def apply(vectors: Tensor) -> Tensor:
+        scaled = roots * vectors.to(probs.dtype)
+        return scaled - probs * scaled.sum(-1, keepdim=True)
+
+    return LossHessianRoot(rows, selected.shape, apply)
 
 
 class CausalLMObjective(Objective):
@@ -118,11 +133,8 @@ class CausalLMObjective(Objective):
         logits = _accumulation_precision(outputs[self.token_mask(batch)].detach())
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
-    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor], vectors: Tensor) -> Tensor:
-        mask = self.token_mask(batch)
-        roots = torch.zeros_like(outputs)
-        roots[mask] = softmax_hessian_root(outputs[mask], vectors[mask]).to(outputs.dtype)
-        return roots
+    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor]) -> LossHessianRoot:
+        return softmax_hessian_root(outputs, self.token_mask(batch))
 
 
 class SequenceClassificationObjective(Objective):
@@ -151,8 +163,8 @@ class SequenceClassificationObjective(Objective):
         probs = _accumulation_precision(outputs.detach()).softmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor], vectors: Tensor) -> Tensor:
-        return softmax_hessian_root(outputs, vectors).to(outputs.dtype)
+    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor]) -> LossHessianRoot:
+        return softmax_hessian_root(outputs, None)
 
 
 class SquaredErrorObjective(Objective):
@@ -175,9 +187,9 @@ class SquaredErrorObjective(Objective):
         noise = torch.randn(outputs.shape, generator=generator, device=outputs.device, dtype=outputs.dtype)
         return outputs.detach() + noise
 
-    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor], vectors: Tensor) -> Tensor:
+    def loss_hessian_root(self, outputs: Tensor, batch: dict[str, Tensor]) -> LossHessianRoot:
         """``H_ℓ = I``, so ``S = I``."""
-        return vectors.to(outputs.dtype)
+        return LossHessianRoot(None, outputs.shape, lambda vectors: vectors)
 
 
 def objective_for(batch: dict[str, Tensor]) -> Objective:

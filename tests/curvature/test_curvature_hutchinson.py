@@ -19,7 +19,7 @@ from ctrlora.curvature.objectives import (
 )
 from ctrlora.curvature.result import ModuleCurvature
 
-from .helpers import assert_close, lm_batches, tiny_llama
+from .helpers import assert_close, lm_batches, tiny_llama, tiny_llama_classifier
 
 
 def tanh_regression():
@@ -125,31 +125,40 @@ def test_language_model_hessian_vector_products_are_exact():
 
 
 def root_columns(objective, outputs, batch):
-    """The loss Hessian root S of every output row, column j from the j-th basis vector: (..., V, V)."""
+    """The rows the loss depends on, and the loss Hessian root S of each of them, column j from the j-th
+    basis vector: (rows, V, V)."""
+    root = objective.loss_hessian_root(outputs, batch)
     basis = torch.eye(outputs.shape[-1], dtype=outputs.dtype)
-    return torch.stack([objective.loss_hessian_root(outputs, batch, row.expand_as(outputs)) for row in basis], -1)
+    return root.rows, torch.stack([root.apply(row.expand(root.shape)) for row in basis], -1)
 
 
-def test_loss_hessian_roots_factor_the_loss_hessian_and_skip_uncounted_rows():
+def test_loss_hessian_roots_factor_the_loss_hessian_of_the_counted_rows():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 7, dtype=torch.float64, generator=generator)
     labels = torch.randint(0, 7, (2, 5), generator=generator)
     labels[0, 1:3] = -100  # prompt tokens: positions 0 and 1 of row 0 predict them and do not count
     lm_batch = {"input_ids": labels.clamp_min(0), "labels": labels, "attention_mask": torch.ones_like(labels)}
     classes = {"input_ids": labels[:, :3], "labels": labels[:, 0].clamp_min(0)}
-    for objective, outputs, batch in (
-        (CausalLMObjective(), logits, lm_batch),
-        (SequenceClassificationObjective(), logits[:, 0], classes),
-    ):
+    lm_rows, lm_roots = root_columns(CausalLMObjective(), logits, lm_batch)
+    assert torch.equal(lm_rows, CausalLMObjective().token_mask(lm_batch)) and int(lm_rows.sum()) == 6
+    class_rows, class_roots = root_columns(SequenceClassificationObjective(), logits[:, 0], classes)
+    assert class_rows is None  # every sequence counts
+    for roots, outputs in ((lm_roots, logits[lm_rows]), (class_roots, logits[:, 0])):
         probs = outputs.softmax(-1)
         loss_hessian = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
-        roots = root_columns(objective, outputs, batch)
-        counted = objective.token_mask(batch) if outputs.dim() == 3 else torch.ones(2, dtype=torch.bool)
-        assert_close(roots[counted] @ roots[counted].mT, loss_hessian[counted], 1e-12)
-        assert not roots[~counted].any()
-        assert (~counted).any() == (outputs.dim() == 3)
-    squared = root_columns(SquaredErrorObjective(), logits, {"inputs": logits, "targets": logits})
-    assert torch.equal(squared, torch.eye(7, dtype=torch.float64).expand(2, 5, 7, 7))
+        assert_close(roots @ roots.mT, loss_hessian, 1e-12)
+    rows, squared = root_columns(SquaredErrorObjective(), logits, {"inputs": logits, "targets": logits})
+    assert rows is None and torch.equal(squared, torch.eye(7, dtype=torch.float64).expand(2, 5, 7, 7))
+
+
+def test_the_ggn_variant_still_checks_the_labels():
+    """Its probes never read the labels; float labels of a classifier are refused all the same."""
+    model = tiny_llama_classifier(num_labels=1)
+    ids = torch.randint(1, 20, (3, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.rand(3, dtype=torch.float64)}
+    cfg = CurvatureConfig(kind="hutchinson", matrix="ggn", probes=2)
+    with pytest.raises(ValueError, match="regression heads are not supported"):
+        estimate_curvature(model, [batch], ["model.layers.0.mlp.up_proj"], cfg, progress=False)
 
 
 PROBES = 256
