@@ -9,11 +9,20 @@ names, so everything here is keyed by those.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 ADAPTER = "default"  # the name PEFT gives the first adapter (ctrlora's only one)
 PEFT_PREFIX = "base_model.model."
+
+
+def is_target(name: str, target_modules: Sequence[str]) -> bool:
+    """PEFT's matching of a module name against a `target_modules` list: the name equals a target or ends
+    with ``"." + target``, so a dotted target (``attention.output.dense``) picks one of several
+    same-named layers."""
+    return any(name == target or name.endswith("." + target) for target in target_modules)
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:

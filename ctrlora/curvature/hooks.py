@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ctrlora.peft_layout import is_target
+
 InputCallback = Callable[[str, Tensor], None]  # (target, x rows of counted tokens)
 OutputGradCallback = Callable[[str, Tensor, Tensor | None, str], None]  # (target, g, x or None, job)
 
@@ -62,12 +64,10 @@ def resolve_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Mo
 
 
 def find_targets(model: nn.Module, suffixes: Sequence[str]) -> list[str]:
-    """Names of the linear layers (or PEFT wrappers) that PEFT's list matching selects: the name equals a
-    suffix or ends with ``"." + suffix``, so a dotted suffix (``attention.output.dense``) picks one of
-    several same-named layers."""
+    """Names of the linear layers (or PEFT wrappers) that PEFT's list matching selects (`is_target`)."""
     found = []
     for name, module in model.named_modules():
-        if any(name == suffix or name.endswith("." + suffix) for suffix in suffixes) and isinstance(
+        if is_target(name, suffixes) and isinstance(
             getattr(module, "base_layer", module), nn.Linear
         ):
             found.append(name)

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from ctrlora.config import BudgetConfig, MethodConfig, ModelConfig, TrainConfig
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.errors import ConfigError
+from ctrlora.peft_layout import is_target
 
 ALLOCATION_FILE, HEATMAP_FILE = "allocation.json", "rank_heatmap.png"  # the run dir's allocation record
 
@@ -151,15 +152,10 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, tuple[int, int]]:
-    """Fully qualified name -> (d_out, d_in) for every linear whose name ends with a target.
-
-    Matching is PEFT's for a list: the name equals a target or ends with ``"." + target``, so
-    dotted targets (``attention.output.dense``) select one of several same-named layers.
-    """
+    """Fully qualified name -> (d_out, d_in) for every linear that PEFT's list matching selects (`is_target`)."""
     shapes: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():
-        matches = any(name == target or name.endswith("." + target) for target in target_modules)
-        if matches and hasattr(module, "in_features"):
+        if is_target(name, target_modules) and hasattr(module, "in_features"):
             shapes[name] = (module.out_features, module.in_features)
     if not shapes:
         raise ConfigError(
