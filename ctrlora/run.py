@@ -22,6 +22,7 @@ from ctrlora.backbones import load_backbone, load_tokenizer, resolve_source
 from ctrlora.checkpoints import SignalCheckpoint, latest_checkpoint, resumable_checkpoint
 from ctrlora.config import TrainConfig, load_train_config, validate_config
 from ctrlora.console import phase
+from ctrlora.curvature.runtime import return_freed_host_memory
 from ctrlora.data.datamodule import FinetuneDataModule
 from ctrlora.environment import check_environment
 from ctrlora.errors import FAILED_FILE, RunDirError, RunStopped
@@ -139,6 +140,7 @@ class AdapterSetup(L.Callback):
         work = "calibration, allocation and adapters" if calibration is not None else "adapters"
         with phase(f"{self.cfg.method.name}: {work}"):
             model = self.method.prepare(backbone, calibration)
+        return_freed_host_memory()  # the calibration pass's activations and the unstored estimates
         report.write_allocation(self.method, Path(self.cfg.run_dir))
         return model
 

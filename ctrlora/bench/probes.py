@@ -8,7 +8,6 @@ reading the time, so queued kernels count towards the step that launched them.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import resource
@@ -21,6 +20,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+
+from ctrlora.curvature.runtime import return_freed_host_memory
 
 
 class IterationClock:
@@ -162,12 +163,8 @@ class MemoryProbe:
 
 def release_memory() -> None:
     """Free what earlier runs left behind, so the next baseline is the process at rest: garbage
-    collection, the CUDA cache, and glibc's free lists (`malloc_trim`) on Linux."""
+    collection, the CUDA cache, and glibc's free lists (`return_freed_host_memory`)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    return_freed_host_memory()

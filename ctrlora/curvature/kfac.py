@@ -72,16 +72,21 @@ def estimate_kfac(
         jobs = ["labels"]
     else:
         jobs = ["sampled"] * cfg.mc_samples + (["labels"] if want_dense_grad else [])
-    tokens, positions = run_pass(
-        model,
-        batches,
-        recorder,
-        objective,
-        jobs=jobs,
-        seed=cfg.seed,
-        description=description,
-        progress=progress,
-    )
+    try:
+        tokens, positions = run_pass(
+            model,
+            batches,
+            recorder,
+            objective,
+            jobs=jobs,
+            seed=cfg.seed,
+            description=description,
+            progress=progress,
+        )
+    finally:
+        # on_output_grad refers to the recorder, which refers to it and to every sum: left in place, that
+        # cycle would keep the factors alive after the caller drops them, until a garbage collection
+        recorder.on_output_grad = None
     a_factors = input_factors(input_sums.means(positions), recorder, plan)
     draws = 1 if cfg.fisher == "empirical" else cfg.mc_samples
     g_moments = grad_sums.means(tokens * draws)

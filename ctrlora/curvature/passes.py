@@ -8,7 +8,8 @@ here too, since they can follow any estimator that supplies factors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 import torch
@@ -122,33 +123,49 @@ def run_pass(
     if unknown:
         raise ValueError(f"unknown backward jobs {sorted(unknown)}; valid: {list(JOBS)}")
     device = input_device(model)
-    generator = None
+    generator_on = cache(partial(seeded_generator, seed))  # one seeded stream for the whole pass, made on first use
     tokens = positions = 0
     with recorder, torch.set_grad_enabled(bool(jobs)):
         for batch in track(batches, description, progress):
-            batch = batch_to_device(batch, device)
-            mask = objective.position_mask(batch)
-            with recorder.forward(mask):
-                outputs = objective.forward(model, batch)
-            tokens += int(objective.token_mask(batch).sum())
-            positions += int(mask.sum())
-            for index, job in enumerate(jobs):
-                targets = None
-                if job == "sampled":
-                    generator = generator or seeded_generator(seed, outputs.device)
-                    targets = objective.sample_targets(outputs, batch, generator)
-                loss = objective.loss(outputs, batch, targets)
-                if not loss.requires_grad:
-                    raise RuntimeError(
-                        "the calibration loss does not depend on any target layer's output: are the targets "
-                        "used by the model's forward?"
-                    )
-                with recorder.backward(job):
-                    loss.backward(retain_graph=index < len(jobs) - 1)
+            batch_tokens, batch_positions = _batch_pass(
+                model, batch_to_device(batch, device), recorder, objective, jobs, generator_on
+            )
+            tokens, positions = tokens + batch_tokens, positions + batch_positions
     tokens, positions = all_reduce_count(tokens, device), all_reduce_count(positions, device)
     if tokens == 0:
         raise ValueError("the calibration batches hold no counted tokens (every label is -100 or padding)")
     return TokenCounts(tokens, positions)
+
+
+def _batch_pass(
+    model: nn.Module,
+    batch: dict[str, Any],
+    recorder: TargetRecorder,
+    objective: Objective,
+    jobs: Sequence[str],
+    generator_on: Callable[[torch.device], torch.Generator],
+) -> tuple[int, int]:
+    """One batch's forward and backward `jobs`; returns its (counted tokens, statistics positions).
+
+    A function of its own so that the batch's outputs, whose graph holds the output-gradient hooks
+    and the inputs they stash, are freed when it returns: a loop variable would keep them alive
+    through the next batch's forward, on top of its activations."""
+    mask = objective.position_mask(batch)
+    with recorder.forward(mask):
+        outputs = objective.forward(model, batch)
+    for index, job in enumerate(jobs):
+        targets = None
+        if job == "sampled":
+            targets = objective.sample_targets(outputs, batch, generator_on(outputs.device))
+        loss = objective.loss(outputs, batch, targets)
+        if not loss.requires_grad:
+            raise RuntimeError(
+                "the calibration loss does not depend on any target layer's output: are the targets "
+                "used by the model's forward?"
+            )
+        with recorder.backward(job):
+            loss.backward(retain_graph=index < len(jobs) - 1)
+    return int(objective.token_mask(batch).sum()), int(mask.sum())
 
 
 def _whitened_products(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 from collections.abc import Iterable, Iterator
@@ -14,6 +15,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from ctrlora.curvature.hooks import base_linear, input_embeddings
+
+
+def return_freed_host_memory() -> None:
+    """Hand the host memory that a finished phase freed back to the OS (glibc's `malloc_trim`; a no-op
+    elsewhere).
+
+    glibc keeps freed heap blocks for reuse, and once a large block has been freed it serves blocks up
+    to that size from the heap too, so after a calibration pass or a curvature refresh the resident set
+    still counts that pass's activations and the replaced factors until trimmed. Called once after
+    set-up and once after each refresh: cheap next to them (milliseconds), and what training allocates
+    next comes from fresh pages."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl)
+        pass
 
 
 def distributed() -> bool:

@@ -28,6 +28,7 @@ from torch import Tensor
 from ctrlora.atomic import staged
 from ctrlora.curvature.online import TrainingStatistics
 from ctrlora.curvature.result import CurvatureResult
+from ctrlora.curvature.runtime import return_freed_host_memory
 
 
 @dataclass(frozen=True)
@@ -114,3 +115,4 @@ class CurvatureRefresh(L.Callback):
         step = trainer.global_step
         if self.method.schedule.is_refresh_step(step) and step > self.method.last_refresh_step:
             self.method.refresh(trainer)
+            return_freed_host_memory()  # the refresh's passes and the replaced metric, before training goes on

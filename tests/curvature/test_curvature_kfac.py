@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import peft
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 
 from ctrlora.curvature.config import CurvatureConfig
 from ctrlora.curvature.estimate import estimate_curvature
+from ctrlora.curvature.objectives import CausalLMObjective
 from ctrlora.curvature.passes import OuterProductSums, symmetric_blocks
 
 from .helpers import assert_close, collate, sequences, targets_of, tiny_llama, tiny_llama_classifier
@@ -144,6 +148,57 @@ def test_estimation_restores_modes_and_flags_and_leaves_no_gradients(model, batc
     assert {name: module.training for name, module in model.named_modules()} == before_training
     assert {name: p.requires_grad for name, p in model.named_parameters()} == before_flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def held_tensors(result) -> list[torch.Tensor]:
+    """The tensors a result's modules hold: their factors' and their own (grad, diag)."""
+    found = []
+    for module in result.modules.values():
+        for value in vars(module).values():
+            parts = vars(value).values() if hasattr(value, "__dict__") else [value]
+            found.extend(part for part in parts if isinstance(part, torch.Tensor))
+    return found
+
+
+@pytest.mark.parametrize("kind", ["activation", "kfac", "hutchinson"])
+def test_a_dropped_estimate_frees_its_statistics_without_a_garbage_collection(model, batches, kind):
+    """Nothing the estimate leaves behind (hooks, reference cycles) may keep its sums alive: a refresh
+    drops one mid-training, and Python's collector may not run for many steps."""
+    result = estimate_curvature(
+        model, batches, targets_of(model, ["v_proj"]), CurvatureConfig(kind=kind, probes=1),
+        want_grad=kind == "kfac", progress=False,
+    )
+    alive = [weakref.ref(tensor) for tensor in held_tensors(result)]
+    assert alive
+    gc.disable()
+    try:
+        del result
+        assert [ref for ref in alive if ref() is not None] == []
+    finally:
+        gc.enable()
+
+
+def test_a_batch_outputs_are_freed_before_the_next_batch_runs(model, batches, monkeypatch):
+    """The logits (and, through their graph, the hooks' stashed inputs) of batch i must not be alive while
+    batch i+1's activations are: that would add a batch's outputs to the calibration peak."""
+    earlier: list[weakref.ref] = []
+    leaked: list[int] = []
+    forward = CausalLMObjective.forward
+
+    def recording_forward(self, model, batch):
+        leaked.extend(index for index, ref in enumerate(earlier) if ref() is not None)
+        outputs = forward(self, model, batch)
+        earlier.append(weakref.ref(outputs))
+        return outputs
+
+    monkeypatch.setattr(CausalLMObjective, "forward", recording_forward)
+    gc.disable()
+    try:
+        estimate_curvature(model, batches, targets_of(model), CurvatureConfig(kind="kfac"), want_grad=True, progress=False)
+    finally:
+        gc.enable()
+    assert len(earlier) == len(batches) > 1
+    assert leaked == []
 
 
 def test_peft_wrappers_are_estimated_at_the_adapted_weights(batches):
