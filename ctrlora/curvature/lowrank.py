@@ -45,11 +45,12 @@ class DampedPairs:
     """``damped_pair`` of targets' raw factors, each damped (and factorised) once while targets share it.
 
     q/k/v share their input factor S_a, as do gate/up: targets visited in model order find the damped
-    copy (with its Cholesky factor) here. Only the `keep` most recent raw factors stay, so the
-    damped copies of a whole model are never held at once.
+    copy (with its Cholesky factor) here. Only the `keep` most recently used raw factors stay, so the
+    damped copies of a whole model are never held at once. Two suffice: a shared S_a is used again by
+    each target that shares it, so it stays the most recent but one while their S_g come and go.
     """
 
-    def __init__(self, damping: float, pi_split: bool = False, keep: int = 8) -> None:
+    def __init__(self, damping: float, pi_split: bool = False, keep: int = 2) -> None:
         self.gamma = relative_damping(damping, pi_split)
         self.keep = keep
         self._recent: OrderedDict[int, tuple[Factor, Factor]] = OrderedDict()  # id(raw) -> (raw, damped)
