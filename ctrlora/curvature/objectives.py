@@ -124,15 +124,10 @@ class CausalLMObjective(Objective):
         return _logits(model(**inputs, use_cache=False))
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor], targets: Tensor | None = None) -> Tensor:
-        """Cross-entropy over every position with the uncounted ones ignored, as HF's training loss does:
-        gathering the counted rows first would copy the (positions × vocabulary) logits, and their gradient."""
         mask = self.token_mask(batch)
-        full = torch.full_like(batch["labels"], IGNORE_INDEX)
-        full[mask] = batch["labels"].roll(-1, dims=1)[mask] if targets is None else targets
-        logits = _accumulation_precision(outputs)
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), full.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        if targets is None:
+            targets = batch["labels"].roll(-1, dims=1)[mask]
+        return F.cross_entropy(_accumulation_precision(outputs[mask]), targets, reduction="sum")
 
     def sample_targets(self, outputs: Tensor, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         logits = _accumulation_precision(outputs[self.token_mask(batch)].detach())

@@ -155,7 +155,7 @@ def held_tensors(result) -> list[torch.Tensor]:
     found = []
     for module in result.modules.values():
         for value in vars(module).values():
-            parts = vars(value).values() if hasattr(value, "__dict__") else [value]
+            parts = [value] if isinstance(value, torch.Tensor) else vars(value).values() if hasattr(value, "__dict__") else []
             found.extend(part for part in parts if isinstance(part, torch.Tensor))
     return found
 
