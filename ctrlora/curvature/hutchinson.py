@@ -119,7 +119,9 @@ def estimate_hutchinson(
                 batch = batch_to_device(batch, device)
                 tokens += int(objective.token_mask(batch).sum())
                 outputs = objective.forward(model, batch)
-                loss = objective.loss(outputs, batch)  # also checks the labels, which the GGN itself never reads
+                # also checks the labels, which the GGN itself never reads; its graph only where a gradient is taken
+                differentiated = cfg.matrix == "hessian" or want_dense_grad
+                loss = objective.loss(outputs if differentiated else outputs.detach(), batch)
                 if cfg.matrix == "hessian":
                     grads = _add_hessian_probes(diag_sums, loss, params, cfg, generators)
                 else:
