@@ -8,6 +8,13 @@ the encoder frozen and in eval mode, on the calibration batches in a cycle) give
 head that reads the pretrained features. The run applies it to every method alike, so the
 comparison stays fair: the head then carries on training with the adapters.
 
+The backbone runs once per calibration batch. It is frozen and in eval mode, so its output for a
+batch is the same on every cycle: later cycles replay the recorded outputs and only the head
+computes (`replaying`), which leaves the trained head exactly as recomputing would. This holds
+whenever the model's backbone (``model.base_model``) holds no head parameter, as in every HF
+``*ForSequenceClassification``; otherwise every step runs the whole model. Memory: the backbone's
+outputs for the calibration set (e.g. 128 × 64 × 384 floats, 13 MB, on MiniLM).
+
 Default (``null``): 200 steps at lr 1e-3 for a model with a fresh head, none otherwise. Measured on
 the NLU study (experiment=nlu_minilm, seed 0, 128 calibration examples): test accuracy with 0 / 50
 / 200 warm-up steps was 72.4 / 74.3 / 77.2% for CTR-LoRA, 71.9 / 72.7 / 75.5% for CG-LoRA, and
@@ -16,9 +23,11 @@ the NLU study (experiment=nlu_minilm, seed 0, 128 calibration examples): test ac
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -55,6 +64,49 @@ def head_parameters(model: nn.Module, head_modules: list[str]) -> list[nn.Parame
     return params
 
 
+def frozen_backbone(model: nn.Module, head: list[nn.Parameter]) -> nn.Module | None:
+    """The module whose output the head reads (``model.base_model``), when it holds none of `head`; else None."""
+    backbone = getattr(model, "base_model", None)
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        return None
+    inside = {id(param) for param in backbone.parameters()}
+    return None if any(id(param) in inside for param in head) else backbone
+
+
+@contextmanager
+def replaying(backbone: nn.Module, outputs: list[Any]) -> Iterator[None]:
+    """Calls of `backbone` return `outputs` in a cycle instead of computing them."""
+    replay = itertools.cycle(outputs)
+    backbone.forward = lambda *args, **kwargs: next(replay)
+    try:
+        yield
+    finally:
+        del backbone.forward
+
+
+def _cycled_steps(
+    step: Callable[[dict[str, Any]], None], batches: Iterable[dict[str, Any]], steps: int,
+    backbone: nn.Module | None, device: torch.device,
+) -> None:
+    """`step` on `steps` batches of `batches` in a cycle; with a frozen `backbone`, the first cycle
+    records its outputs and the later ones replay them."""
+    if backbone is None:
+        for _, batch in zip(range(steps), _cycle(batches), strict=False):
+            step(batch_to_device(batch, device))
+        return
+    first, outputs = [], []
+    handle = backbone.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        for _, batch in zip(range(steps), batches, strict=False):
+            first.append(batch_to_device(batch, device))
+            step(first[-1])
+    finally:
+        handle.remove()
+    with replaying(backbone, outputs):
+        for _, batch in zip(range(steps - len(first)), itertools.cycle(first), strict=False):
+            step(batch)
+
+
 def _cycle(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     while True:
         yield from batches
@@ -66,8 +118,9 @@ def warm_up_head(
     """`steps` AdamW steps (lr `lr`) on the head alone, over `batches` in a cycle; the model's loss.
 
     Every other parameter is frozen and every module in eval mode meanwhile (`calibration_mode`: dropout
-    off, so the head learns the features the calibration passes will see); flags and modes are restored. Returns what
-    ``results.json`` records: steps, lr, first and last loss, seconds.
+    off, so the head learns the features the calibration passes will see); flags and modes are restored.
+    The backbone's outputs are recorded on the first cycle and replayed after (module docstring). Returns
+    what ``results.json`` records: steps, lr, first and last loss, seconds.
     """
     head = head_parameters(model, head_modules)
     device, start, losses = input_device(model), time.perf_counter(), []
@@ -75,12 +128,15 @@ def warm_up_head(
         for param in head:  # calibration_mode froze everything; it restores every flag on exit
             param.requires_grad_(True)
         optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=0.0)
-        for _, batch in zip(range(steps), _cycle(batches), strict=False):
-            loss = model(**batch_to_device(batch, device)).loss
+
+        def step(batch: dict[str, Any]) -> None:
+            loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+
+        _cycled_steps(step, batches, steps, frozen_backbone(model, head), device)
     report = {
         "steps": steps, "lr": lr, "loss_first": losses[0], "loss_last": losses[-1],
         "seconds": round(time.perf_counter() - start, 3),

@@ -5,7 +5,9 @@
 
 The study file (YAML) names the output folder ``out``, the ``experiment`` preset, the ``tasks`` and
 the ``variants`` (each a name -> a list of train.py overrides; a variant's name is its row label),
-the trial budget ``trials`` and the ``seeds``. For every (variant, task), variants in the file's
+the trial budget ``trials`` and the ``seeds``; ``overrides`` go to every run, ``tune_overrides`` to the
+tuning trials alone (``[eval=none]``: a trial scores the validation split only, not the test split).
+For every (variant, task), variants in the file's
 order and all of a variant's tasks before the next variant:
 
 1. tune: ``train.py -m hydra/sweeper=optuna`` with ``trials`` seeded-TPE trials over the method's
@@ -45,7 +47,7 @@ from rich.console import Console
 from ctrlora.errors import ConfigError
 from ctrlora.evaluation.selection import best_trials, seed_run_overrides
 
-STUDY_KEYS = {"out", "experiment", "tasks", "variants", "trials", "seeds", "tune_seed", "overrides"}
+STUDY_KEYS = {"out", "experiment", "tasks", "variants", "trials", "seeds", "tune_seed", "overrides", "tune_overrides"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Study:
     seeds: list[int]
     tune_seed: int = 0
     overrides: list[str] = field(default_factory=list)  # for every run (e.g. trainer.progress_bar=false)
+    tune_overrides: list[str] = field(default_factory=list)  # for the tuning trials only (e.g. eval=none)
 
 
 def load_study(path: Path) -> Study:
@@ -73,7 +76,8 @@ def load_study(path: Path) -> Study:
                           f" valid keys: {sorted(STUDY_KEYS)}")
     return Study(out=Path(raw["out"]), experiment=raw["experiment"], tasks=raw["tasks"], variants=raw["variants"],
                  trials=int(raw["trials"]), seeds=[int(s) for s in raw["seeds"]],
-                 tune_seed=int(raw.get("tune_seed", 0)), overrides=list(raw.get("overrides", [])))
+                 tune_seed=int(raw.get("tune_seed", 0)), overrides=list(raw.get("overrides", [])),
+                 tune_overrides=list(raw.get("tune_overrides", [])))
 
 
 def tune_command(study: Study, task: str, variant: str) -> list[str]:
@@ -81,7 +85,7 @@ def tune_command(study: Study, task: str, variant: str) -> list[str]:
     return [
         sys.executable, "train.py", "-m", "hydra/sweeper=optuna", "hydra/launcher=local",
         f"experiment={study.experiment}", *study.tasks[task], *study.variants[variant], *study.overrides,
-        f"seed={study.tune_seed}", f"hydra.sweeper.n_trials={study.trials}",
+        *study.tune_overrides, f"seed={study.tune_seed}", f"hydra.sweeper.n_trials={study.trials}",
         f"hydra.sweep.dir={study.out / 'tune' / task / variant}", "resume=true",
     ]
 
@@ -131,7 +135,7 @@ def run_pair(study: Study, task: str, variant: str, env: dict[str, str], root: P
         if tuned.returncode != 0 or len(best) != 1:
             return {**record, "error": f"tuning exited with {tuned.returncode}, {len(best)} selectable groups; see {log_path}"}
         ((trial, count),) = best.values()
-        selected = seed_run_overrides(trial)
+        selected = [item for item in seed_run_overrides(trial) if item not in study.tune_overrides]
         record.update(best_run=str(trial.run_dir), trials=count, val_metric=trial.metric, val=trial.value, overrides=selected)
         if superseded := set_aside_other_settings(study, task, variant, selected):
             record["superseded"] = str(superseded)

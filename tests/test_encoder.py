@@ -93,3 +93,38 @@ def test_scoring_the_base_row_leaves_the_run_unchanged(tmp_path: Path) -> None:
     unscored_params = dict(unscored.model.named_parameters())
     for name, param in scored.model.named_parameters():
         assert torch.equal(param, unscored_params[name]), name
+
+
+def test_head_warmup_replays_the_frozen_backbone_and_trains_the_head_exactly_as_recomputing(monkeypatch) -> None:
+    """After one cycle over the calibration batches the backbone is not run again (its recorded outputs
+    replay), and the head ends exactly where a warm-up that runs the whole model every step ends; a head
+    inside the backbone (here the pooler) turns the replay off."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from ctrlora import head_warmup
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3)
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 50, (4, 7), generator=generator),
+                "attention_mask": torch.ones(4, 7, dtype=torch.long),
+                "labels": torch.randint(0, 3, (4,), generator=generator)} for _ in range(3)]
+
+    def warmed(replay: bool) -> tuple[dict[str, torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(config)
+        calls = []
+        model.bert.embeddings.register_forward_hook(lambda *args: calls.append(1))
+        if not replay:
+            monkeypatch.setattr(head_warmup, "frozen_backbone", lambda model, head: None)
+        head_warmup.warm_up_head(model, batches, ["classifier"], steps=10, lr=1e-2)
+        monkeypatch.undo()
+        assert "forward" not in vars(model.bert)  # the replay is undone
+        return {name: p.detach().clone() for name, p in model.classifier.named_parameters()}, len(calls)
+
+    (replayed, replayed_calls), (recomputed, recomputed_calls) = warmed(True), warmed(False)
+    assert replayed_calls == 3 and recomputed_calls == 10
+    assert all(torch.equal(replayed[name], recomputed[name]) for name in recomputed)
+    model = BertForSequenceClassification(config)
+    assert head_warmup.frozen_backbone(model, list(model.classifier.parameters())) is model.bert
+    assert head_warmup.frozen_backbone(model, list(model.bert.pooler.parameters())) is None

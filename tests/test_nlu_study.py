@@ -56,6 +56,7 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
         "out": str(tmp_path / "runs"), "experiment": "nlu_minilm", "trials": 2, "seeds": [1],
         "overrides": ["trainer.progress_bar=false", "trainer.max_steps=3", "calibration.num_samples=16",
                       "calibration.head_warmup_steps=5", "eval.limit=32"],
+        "tune_overrides": ["eval=none"],
         "tasks": {"fortune_topics": ["data=fortune_topics"]},
         "variants": {"head_only": ["method=head_only"], "uniform": ["method=ctrlora", "method.ctr.allocation=uniform"]},
     }))
@@ -69,6 +70,8 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
         trials = list((tmp_path / "runs" / "tune" / "fortune_topics" / variant).rglob("results.json"))
         best = max(trials, key=lambda path: json.loads(path.read_text())["val"]["accuracy"])
         assert len(trials) == 2 and pair["val"] == json.loads(best.read_text())["val"]["accuracy"]
+        assert all(not json.loads(path.read_text())["eval"] for path in trials)  # tune_overrides: no test scores
+        assert "eval=none" not in pair["overrides"]  # the seed runs score the test split
         seed_run = tmp_path / "runs" / "seeds" / "fortune_topics" / variant / "seed=1"
         config = yaml.safe_load((seed_run / "config.yaml").read_text())
         tuned = [item for item in pair["overrides"] if item.startswith("optim.lr=")]

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from ctrlora.peft_layout import lora_weights
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ctrlora.peft_layout import lora_weights
 from ctrlora.trust_region import (
     LambdaSchedule,
     ModuleMetric,
