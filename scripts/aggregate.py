@@ -2,10 +2,12 @@
 
     python scripts/aggregate.py runs/                # -> runs/aggregate/{results.md,results.csv,*.png}
     python scripts/aggregate.py multirun/2025-01-01_12-00-00 --out tables --wandb --project ctrlora
+    python scripts/aggregate.py experiments/nlu_minilm/runs/seeds --variants --paired-with lora sensitivity_lora
 
 Reads every ``results.json`` under ROOT; writes per backbone a markdown table (methods ×
 benchmarks, mean ± std over seeds in percent, base row first, best per column in bold), the same
-numbers as CSV (fractions), the budget–accuracy plot, and a rank heatmap per allocating method
+numbers as CSV (fractions), the paired differences to each ``--paired-with`` row (default: lora) with
+95% t-intervals, the budget–accuracy plot, and a rank heatmap per allocating method
 (from its ``allocation.json``). ``--wandb`` logs the tables and figures to W&B (offline unless
 WANDB_MODE says otherwise). See ctrlora/evaluation/aggregate.py for the statistics.
 """
@@ -29,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", action="store_true", help="one row per folder under ROOT (seed=* folders merged): ablations"
     )
+    parser.add_argument(
+        "--paired-with", nargs="+", default=["lora"], metavar="ROW",
+        help="row labels to pair every other row with, seed by seed (default: lora)",
+    )
     parser.add_argument("--wandb", action="store_true", help="also log the tables and figures to W&B")
     parser.add_argument("--project", default="ctrlora", help="W&B project (with --wandb)")
     parser.add_argument("--group", default=None, help="W&B group (with --wandb)")
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.root / "aggregate"
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(records)
-    markdown = "\n".join(markdown_table(table) for table in tables)
+    markdown = "\n".join(markdown_table(table, tuple(args.paired_with)) for table in tables)
     (out / "results.md").write_text(markdown)
     write_csv(tables, out / "results.csv")
     figures = []

@@ -210,7 +210,8 @@ def format_cell(cell: Cell | None, best: float | None) -> str:
     return f"**{text}**" if is_best else text
 
 
-def markdown_table(table: Table) -> str:
+def markdown_table(table: Table, references: tuple[str, ...] = ("lora",)) -> str:
+    """The table, then per row label in `references` the paired differences of every other row to it."""
     headers = [
         "method",
         "budget",
@@ -229,7 +230,7 @@ def markdown_table(table: Table) -> str:
         method = row.method + (f" ⚠ one class in {collapsed}/{len(row.runs)} seeds" if collapsed else "")
         method += f" (limited eval in {limited}/{len(row.runs)} seeds)" if limited else ""
         lines.append("| " + " | ".join([method, row.budget or "–", params, seeds, *cells]) + " |")
-    return "\n".join(lines) + "\n" + paired_markdown(table)
+    return "\n".join(lines) + "\n" + "".join(paired_markdown(table, reference) for reference in references)
 
 
 def flat_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
@@ -261,9 +262,6 @@ def write_csv(tables: list[Table], path: Path) -> None:
             writer.writerows([headers, *rows])
 
 
-REFERENCE_METHOD = "lora"
-
-
 @dataclass(frozen=True)
 class PairedDifference:
     """``mean_s (score_method(s) − score_reference(s))`` over the seeds both rows ran, with its 95% interval."""
@@ -285,9 +283,9 @@ def paired_difference(method_scores: dict[int, float], reference_scores: dict[in
     return PairedDifference(statistics.fmean(differences), float(half), len(differences))
 
 
-def reference_row(table: Table, row: TableRow) -> TableRow | None:
-    """The LoRA row a row is paired with: LoRA at the same budget, else the table's only LoRA row."""
-    candidates = [other for other in table.rows if other.method == REFERENCE_METHOD and other.runs]
+def reference_row(table: Table, row: TableRow, reference: str) -> TableRow | None:
+    """The row labelled `reference` that a row is paired with: at the same budget, else the only one."""
+    candidates = [other for other in table.rows if other.method == reference and other.runs]
     same_budget = [other for other in candidates if other.budget == row.budget]
     return (same_budget or (candidates if len(candidates) == 1 else [None]))[0]
 
@@ -296,22 +294,23 @@ def seed_scores(row: TableRow, column: Column) -> dict[int, float]:
     return {run.seed: run.scores[column] for run in row.runs if column in run.scores}
 
 
-def paired_markdown(table: Table) -> str:
-    """Per method, the paired difference to LoRA on every column, in points: ``+1.2 [−0.4, +2.8] (n=5)``."""
+def paired_markdown(table: Table, reference: str = "lora") -> str:
+    """Per method, the paired difference to the `reference` row on every column, in points:
+    ``+1.2 [−0.4, +2.8] (n=5)``; empty when the table has no such row."""
     lines = []
     for row in table.rows:
-        reference = reference_row(table, row)
-        if reference is None or reference is row or not row.runs:
+        paired_with = reference_row(table, row, reference)
+        if paired_with is None or paired_with is row or not row.runs:
             continue
         cells = []
         for column in table.columns:
-            difference = paired_difference(seed_scores(row, column), seed_scores(reference, column))
+            difference = paired_difference(seed_scores(row, column), seed_scores(paired_with, column))
             cells.append(format_difference(difference))
         lines.append("| " + " | ".join([row.method, row.budget or "–", *cells]) + " |")
     if not lines:
         return ""
     headers = ["method", "budget", *map(table.column_label, table.columns)]
-    title = f"Paired difference to {REFERENCE_METHOD} over the same seeds (points, mean [95% t-interval])"
+    title = f"Paired difference to {reference} over the same seeds (points, mean [95% t-interval])"
     return "\n".join(["", title, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers), *lines]) + "\n"
 
 
