@@ -77,6 +77,16 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
         tuned = [item for item in pair["overrides"] if item.startswith("optim.lr=")]
         assert config["seed"] == 1 and tuned and config["optim"]["lr"] == float(tuned[0].split("=")[1])
 
+    # git keeps what the table, the selection and resume=true read, were these runs under experiments/ (.gitignore)
+    written = [path.relative_to(tmp_path / "runs") for path in (tmp_path / "runs").rglob("*") if path.is_file()]
+    as_committed = [f"experiments/nlu_minilm/runs/{path}" for path in written]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input="\n".join(as_committed),
+                             capture_output=True, text=True).stdout.split("\n")
+    kept = {Path(path).name for path in as_committed if path not in ignored}
+    assert kept == {"study.json", "results.json", "config.yaml", "summary.md", "overrides.yaml", "metrics.csv", "allocation.json"}
+    assert any(path.suffix == ".ckpt" for path in written) and all(
+        path in ignored for path in as_committed if path.endswith((".ckpt", ".safetensors", ".log", "hydra.yaml")))
+
     again = subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("(finished earlier)") == 2  # a rerun enters no finished pair again
     assert len(json.loads((tmp_path / "runs" / "study.json").read_text())["invocations"]) == 2
