@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 def test_each_method_declares_its_search_space_and_the_trial_budget_is_shared() -> None:
     spaces, budgets = {}, set()
-    for method in ("lora", "ctrlora", "cg_lora"):
+    for method in ("lora", "ctrlora", "cg_lora", "loraplus"):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
             cfg = compose("train", overrides=with_test_defaults([f"method={method}", "hydra/sweeper=optuna"]), return_hydra_config=True)
         spaces[method] = dict(cfg.method.search)
@@ -29,6 +29,7 @@ def test_each_method_declares_its_search_space_and_the_trial_budget_is_shared() 
     assert spaces["lora"] == {"optim.lr": "tag(log, interval(1e-5, 1e-2))"}
     assert spaces["ctrlora"] == {**spaces["lora"], "method.ctr.lambda0": "tag(log, interval(1e-3, 100))"}
     assert spaces["cg_lora"] == {**spaces["lora"], "method.cg.eta_scale": "tag(log, interval(0.03, 30))"}
+    assert spaces["loraplus"] == {**spaces["lora"], "method.loraplus_ratio": "tag(log, interval(1, 64))"}  # B's lr too
     assert budgets == {16}  # one budget for every method, large enough for the two-dimensional spaces
 
 
