@@ -11,9 +11,10 @@ comparison stays fair: the head then carries on training with the adapters.
 The backbone runs once per calibration batch. It is frozen and in eval mode, so its output for a
 batch is the same on every cycle: later cycles replay the recorded outputs and only the head
 computes (`replaying`), which leaves the trained head exactly as recomputing would. This holds
-whenever the model's backbone (``model.base_model``) holds no head parameter, as in every HF
-``*ForSequenceClassification``; otherwise every step runs the whole model. Memory: the backbone's
-outputs for the calibration set (e.g. 128 × 64 × 384 floats, 13 MB, on MiniLM).
+whenever the model's backbone (``model.base_model``) holds no head parameter and no forward hook, and
+its outputs hold no graph, as in every HF ``*ForSequenceClassification``; otherwise every step runs
+the whole model. Memory: the backbone's outputs for the calibration set without their key/value
+cache, e.g. 128 × 64 × 384 floats (13 MB) on MiniLM, 128 × 512 × 4096 bf16 (0.5 GB) on a 7B decoder.
 
 Default (``null``): 200 steps at lr 1e-3 for a model with a fresh head, none otherwise. Measured on
 the NLU study (experiment=nlu_minilm, seed 0, 128 calibration examples): test accuracy with 0 / 50
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from ctrlora.curvature.hooks import calibration_mode
 from ctrlora.curvature.runtime import batch_to_device, input_device
@@ -65,23 +67,45 @@ def head_parameters(model: nn.Module, head_modules: list[str]) -> list[nn.Parame
 
 
 def frozen_backbone(model: nn.Module, head: list[nn.Parameter]) -> nn.Module | None:
-    """The module whose output the head reads (``model.base_model``), when it holds none of `head`; else None."""
+    """The module whose output the head reads (``model.base_model``), when replaying it is exact: it holds
+    none of `head` and has no forward hooks of its own (a replay would apply them twice); else None."""
     backbone = getattr(model, "base_model", None)
-    if not isinstance(backbone, nn.Module) or backbone is model:
+    if not isinstance(backbone, nn.Module) or backbone is model or backbone._forward_hooks:
         return None
     inside = {id(param) for param in backbone.parameters()}
     return None if any(id(param) in inside for param in head) else backbone
 
 
+def _recorded(output: Any) -> Any:
+    """What replaying `output` needs: without its key/value cache (``past_key_values``, the size of the
+    activations of every layer), which a classifier head never reads."""
+    if isinstance(output, ModelOutput) and output.get("past_key_values") is not None:
+        return type(output)(**{key: value for key, value in output.items() if key != "past_key_values"})
+    return output
+
+
+def _holds_graph(outputs: list[Any]) -> bool:
+    """Whether any recorded tensor depends on a trainable parameter (then replaying would be wrong)."""
+    tensors = []
+    for output in outputs:
+        values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else [output]
+        tensors += [value for value in values if isinstance(value, torch.Tensor)]
+    return any(tensor.requires_grad for tensor in tensors)
+
+
 @contextmanager
 def replaying(backbone: nn.Module, outputs: list[Any]) -> Iterator[None]:
-    """Calls of `backbone` return `outputs` in a cycle instead of computing them."""
-    replay = itertools.cycle(outputs)
+    """Calls of `backbone` return `outputs` in a cycle instead of computing them; a ``forward`` already set
+    on the instance (e.g. accelerate's hooks) is put back afterwards."""
+    replay, own = itertools.cycle(outputs), vars(backbone).get("forward")
     backbone.forward = lambda *args, **kwargs: next(replay)
     try:
         yield
     finally:
-        del backbone.forward
+        if own is None:
+            del backbone.forward
+        else:
+            backbone.forward = own
 
 
 def _cycled_steps(
@@ -95,15 +119,21 @@ def _cycled_steps(
             step(batch_to_device(batch, device))
         return
     first, outputs = [], []
-    handle = backbone.register_forward_hook(lambda module, args, output: outputs.append(output))
+    handle = backbone.register_forward_hook(lambda module, args, output: outputs.append(_recorded(output)))
     try:
         for _, batch in zip(range(steps), batches, strict=False):
             first.append(batch_to_device(batch, device))
             step(first[-1])
     finally:
         handle.remove()
+    rest = zip(range(steps - len(first)), itertools.cycle(first), strict=False)
+    if _holds_graph(outputs):
+        del outputs[:]
+        for _, batch in rest:
+            step(batch)
+        return
     with replaying(backbone, outputs):
-        for _, batch in zip(range(steps - len(first)), itertools.cycle(first), strict=False):
+        for _, batch in rest:
             step(batch)
 
 

@@ -74,10 +74,27 @@ def load_study(path: Path) -> Study:
     if unknown or missing:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)};"
                           f" valid keys: {sorted(STUDY_KEYS)}")
-    return Study(out=Path(raw["out"]), experiment=raw["experiment"], tasks=raw["tasks"], variants=raw["variants"],
-                 trials=int(raw["trials"]), seeds=[int(s) for s in raw["seeds"]],
-                 tune_seed=int(raw.get("tune_seed", 0)), overrides=list(raw.get("overrides", [])),
-                 tune_overrides=list(raw.get("tune_overrides", [])))
+    study = Study(out=Path(raw["out"]), experiment=raw["experiment"], tasks=raw["tasks"], variants=raw["variants"],
+                  trials=int(raw["trials"]), seeds=[int(s) for s in raw["seeds"]],
+                  tune_seed=int(raw.get("tune_seed", 0)), overrides=list(raw.get("overrides", [])),
+                  tune_overrides=list(raw.get("tune_overrides", [])))
+    everywhere = [*study.overrides, *(item for items in [*study.tasks.values(), *study.variants.values()] for item in items)]
+    if shared := sorted({override_key(item) for item in study.tune_overrides} & {override_key(item) for item in everywhere}):
+        raise ConfigError(f"{path}: tune_overrides set {shared}, which overrides, a task or a variant also set; the seed"
+                          " runs drop every tune_overrides key, so a key must be in one place only")
+    return study
+
+
+def override_key(item: str) -> str:
+    """The config key of a command-line override (``+eval=none`` -> ``eval``)."""
+    return item.split("=", 1)[0].lstrip("+~")
+
+
+def seed_overrides(study: Study, trial_overrides: list[str]) -> list[str]:
+    """The selected trial's overrides for the seed runs: without what the seed runs set themselves and
+    without the study's tuning-only keys (matched by key: the sweeper rewrites values, e.g. false -> False)."""
+    tune_keys = {override_key(item) for item in study.tune_overrides}
+    return [item for item in trial_overrides if override_key(item) not in tune_keys]
 
 
 def tune_command(study: Study, task: str, variant: str) -> list[str]:
@@ -135,7 +152,7 @@ def run_pair(study: Study, task: str, variant: str, env: dict[str, str], root: P
         if tuned.returncode != 0 or len(best) != 1:
             return {**record, "error": f"tuning exited with {tuned.returncode}, {len(best)} selectable groups; see {log_path}"}
         ((trial, count),) = best.values()
-        selected = [item for item in seed_run_overrides(trial) if item not in study.tune_overrides]
+        selected = seed_overrides(study, seed_run_overrides(trial))
         record.update(best_run=str(trial.run_dir), trials=count, val_metric=trial.metric, val=trial.value, overrides=selected)
         if superseded := set_aside_other_settings(study, task, variant, selected):
             record["superseded"] = str(superseded)

@@ -2,7 +2,7 @@
 
     python scripts/aggregate.py runs/                # -> runs/aggregate/{results.md,results.csv,*.png}
     python scripts/aggregate.py multirun/2025-01-01_12-00-00 --out tables --wandb --project ctrlora
-    python scripts/aggregate.py experiments/nlu_minilm/runs/seeds --variants --paired-with lora sensitivity_lora
+    python scripts/aggregate.py experiments/nlu_minilm/runs/seeds --variants --paired-with lora,sensitivity_lora
 
 Reads every ``results.json`` under ROOT; writes per backbone a markdown table (methods ×
 benchmarks, mean ± std over seeds in percent, base row first, best per column in bold), the same
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", action="store_true", help="one row per folder under ROOT (seed=* folders merged): ablations"
     )
     parser.add_argument(
-        "--paired-with", nargs="+", default=["lora"], metavar="ROW",
-        help="row labels to pair every other row with, seed by seed (default: lora)",
+        "--paired-with", type=lambda text: text.split(","), default=None, metavar="ROW[,ROW...]",
+        help="row labels (comma-separated) to pair every other row with, seed by seed (default: lora, where present)",
     )
     parser.add_argument("--wandb", action="store_true", help="also log the tables and figures to W&B")
     parser.add_argument("--project", default="ctrlora", help="W&B project (with --wandb)")
@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.root / "aggregate"
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(records)
-    markdown = "\n".join(markdown_table(table, tuple(args.paired_with)) for table in tables)
+    labels = {row.method for table in tables for row in table.rows}
+    if unknown := [label for label in args.paired_with or [] if label not in labels]:
+        print(f"--paired-with: no row labelled {unknown} under {args.root}; rows: {sorted(labels)}", file=sys.stderr)
+        return 2
+    references = tuple(args.paired_with or ["lora"])
+    markdown = "\n".join(markdown_table(table, references) for table in tables)
     (out / "results.md").write_text(markdown)
     write_csv(tables, out / "results.csv")
     figures = []
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         figures.append(budget_accuracy_plot(table, out / f"budget_accuracy-{table.model}.png"))
         figures += rank_heatmaps(table, out)
     if args.wandb:
-        log_to_wandb(tables, figures, args.project, args.group)
+        log_to_wandb(tables, figures, args.project, args.group, references)
     print(markdown)
     print(f"{len(records)} runs -> {out}", file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import FAST, compose_config
 
@@ -95,36 +96,67 @@ def test_scoring_the_base_row_leaves_the_run_unchanged(tmp_path: Path) -> None:
         assert torch.equal(param, unscored_params[name]), name
 
 
-def test_head_warmup_replays_the_frozen_backbone_and_trains_the_head_exactly_as_recomputing(monkeypatch) -> None:
-    """After one cycle over the calibration batches the backbone is not run again (its recorded outputs
-    replay), and the head ends exactly where a warm-up that runs the whole model every step ends; a head
-    inside the backbone (here the pooler) turns the replay off."""
-    from transformers import BertConfig, BertForSequenceClassification
+def tiny_classifier(kind: str) -> torch.nn.Module:
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
+    torch.manual_seed(0)
+    if kind == "bert":
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3))
+    return LlamaForSequenceClassification(LlamaConfig(  # its backbone returns a key/value cache (use_cache)
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=32, num_labels=3, pad_token_id=0))
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("steps", [10, 2])
+def test_head_warmup_replays_the_frozen_backbone_and_trains_the_head_exactly_as_recomputing(
+    monkeypatch, kind: str, steps: int
+) -> None:
+    """After one cycle over the calibration batches the backbone is not run again (its recorded outputs
+    replay, without a key/value cache), and the head and the losses end exactly where a warm-up that runs
+    the whole model every step ends; a `forward` already set on the backbone instance is put back."""
     from ctrlora import head_warmup
 
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3)
     generator = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 50, (4, 7), generator=generator),
+    batches = [{"input_ids": torch.randint(1, 50, (4, 7), generator=generator),
                 "attention_mask": torch.ones(4, 7, dtype=torch.long),
                 "labels": torch.randint(0, 3, (4,), generator=generator)} for _ in range(3)]
 
-    def warmed(replay: bool) -> tuple[dict[str, torch.Tensor], int]:
-        torch.manual_seed(0)
-        model = BertForSequenceClassification(config)
-        calls = []
-        model.bert.embeddings.register_forward_hook(lambda *args: calls.append(1))
+    def warmed(replay: bool) -> tuple[dict[str, torch.Tensor], dict, int]:
+        model = tiny_classifier(kind)
+        head = "classifier" if kind == "bert" else "score"
+        calls, own = [], model.base_model.forward  # a bound method set on the instance, as accelerate's hooks do
+        model.base_model.forward = lambda *args, **kwargs: calls.append(1) or own(*args, **kwargs)
         if not replay:
             monkeypatch.setattr(head_warmup, "frozen_backbone", lambda model, head: None)
-        head_warmup.warm_up_head(model, batches, ["classifier"], steps=10, lr=1e-2)
+        replaying, replayed_outputs = head_warmup.replaying, []
+        monkeypatch.setattr(head_warmup, "replaying", lambda backbone, outputs: replayed_outputs.extend(outputs)
+                            or replaying(backbone, outputs))
+        report = head_warmup.warm_up_head(model, batches, [head], steps=steps, lr=1e-2)
+        assert len(replayed_outputs) == (min(steps, 3) if replay else 0)
+        assert all(output.get("past_key_values") is None for output in replayed_outputs)  # no cache kept
         monkeypatch.undo()
-        assert "forward" not in vars(model.bert)  # the replay is undone
-        return {name: p.detach().clone() for name, p in model.classifier.named_parameters()}, len(calls)
+        assert vars(model.base_model)["forward"].__name__ == "<lambda>"  # the instance's own forward is back
+        params = {name: p.detach().clone() for name, p in getattr(model, head).named_parameters()}
+        return params, report, len(calls)
 
-    (replayed, replayed_calls), (recomputed, recomputed_calls) = warmed(True), warmed(False)
-    assert replayed_calls == 3 and recomputed_calls == 10
+    (replayed, replayed_report, replayed_calls), (recomputed, recomputed_report, recomputed_calls) = warmed(True), warmed(False)
+    assert replayed_calls == min(steps, 3) and recomputed_calls == steps
     assert all(torch.equal(replayed[name], recomputed[name]) for name in recomputed)
-    model = BertForSequenceClassification(config)
-    assert head_warmup.frozen_backbone(model, list(model.classifier.parameters())) is model.bert
-    assert head_warmup.frozen_backbone(model, list(model.bert.pooler.parameters())) is None
+    assert replayed_report["loss_last"] == recomputed_report["loss_last"]
+
+
+def test_the_head_warmup_runs_the_whole_model_where_a_replay_would_not_be_exact() -> None:
+    from ctrlora.head_warmup import frozen_backbone
+
+    model = tiny_classifier("bert")
+    assert frozen_backbone(model, list(model.classifier.parameters())) is model.bert
+    assert frozen_backbone(model, list(model.bert.pooler.parameters())) is None  # a head inside the backbone
+    model.bert.register_forward_hook(lambda module, args, output: None)
+    assert frozen_backbone(model, list(model.classifier.parameters())) is None  # a hook would run twice

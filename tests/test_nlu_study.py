@@ -15,7 +15,10 @@ import yaml
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from ctrlora.study import load_study, pair_finished, set_aside_other_settings
+from ctrlora.errors import ConfigError
+from ctrlora.evaluation.aggregate import collect_runs
+from ctrlora.evaluation.selection import best_trials, seed_run_overrides
+from ctrlora.study import load_study, pair_finished, seed_overrides, set_aside_other_settings
 
 
 def test_the_study_tunes_every_method_and_ctr_ablation_on_both_tasks_with_one_budget() -> None:
@@ -35,6 +38,22 @@ def test_the_study_tunes_every_method_and_ctr_ablation_on_both_tasks_with_one_bu
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("train", overrides=[f"experiment={study.experiment}", *study.tasks["wordnet_hypernyms"]])
     assert cfg.model.name == "minilm-l6" and cfg.data.val_fraction == 0.1 and cfg.data.text_pair_field == "category"
+
+
+def test_tune_overrides_leave_the_seed_runs_by_key_and_may_not_share_a_key_with_other_settings(tmp_path: Path) -> None:
+    """The seed runs drop every tuning-only key, whatever form the sweeper gave its value; a key set both for
+    tuning only and elsewhere is refused (dropping it would silently drop the other setting too)."""
+    base = {"out": "runs", "experiment": "nlu_minilm", "trials": 2, "seeds": [1], "tasks": {"t": ["data=fortune_topics"]},
+            "variants": {"lora": ["method=lora"]}, "overrides": ["trainer.progress_bar=false"],
+            "tune_overrides": ["eval=none", "+trainer.limit_val_batches=0.5", "data.val_fraction=null"]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(base))
+    trial = ["optim.lr=0.001", "method=lora", "trainer.progress_bar=False", "eval=none",
+             "+trainer.limit_val_batches=0.5", "data.val_fraction=None"]
+    assert seed_overrides(load_study(path), trial) == ["optim.lr=0.001", "method=lora", "trainer.progress_bar=False"]
+    path.write_text(yaml.safe_dump({**base, "tasks": {"t": ["data=fortune_topics", "eval=local"]}}))
+    with pytest.raises(ConfigError, match=r"study.yaml: tune_overrides set \['eval'\]"):
+        load_study(path)
 
 
 def test_the_ctr_ablation_preset_sweeps_lambda0_and_schedules_into_one_folder_per_setting() -> None:
@@ -72,6 +91,7 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
         assert len(trials) == 2 and pair["val"] == json.loads(best.read_text())["val"]["accuracy"]
         assert all(not json.loads(path.read_text())["eval"] for path in trials)  # tune_overrides: no test scores
         assert "eval=none" not in pair["overrides"]  # the seed runs score the test split
+        assert json.loads((tmp_path / "runs" / "seeds" / "fortune_topics" / variant / "seed=1" / "results.json").read_text())["eval"]
         seed_run = tmp_path / "runs" / "seeds" / "fortune_topics" / variant / "seed=1"
         config = yaml.safe_load((seed_run / "config.yaml").read_text())
         tuned = [item for item in pair["overrides"] if item.startswith("optim.lr=")]
@@ -82,10 +102,19 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
     as_committed = [f"experiments/nlu_minilm/runs/{path}" for path in written]
     ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input="\n".join(as_committed),
                              capture_output=True, text=True).stdout.split("\n")
-    kept = {Path(path).name for path in as_committed if path not in ignored}
-    assert kept == {"study.json", "results.json", "config.yaml", "summary.md", "overrides.yaml", "metrics.csv", "allocation.json"}
+    kept = [path for path, committed in zip(written, as_committed, strict=True) if committed not in ignored]
+    assert {path.name for path in kept} == {
+        "study.json", "results.json", "config.yaml", "summary.md", "overrides.yaml", "metrics.csv", "allocation.json"}
     assert any(path.suffix == ".ckpt" for path in written) and all(
         path in ignored for path in as_committed if path.endswith((".ckpt", ".safetensors", ".log", "hydra.yaml")))
+    clone = tmp_path / "clone"  # the kept files alone select the same trials and make the same table
+    for path in kept:
+        (clone / path).parent.mkdir(parents=True, exist_ok=True)
+        (clone / path).write_bytes((tmp_path / "runs" / path).read_bytes())
+    for variant in pairs:
+        ((trial, _),) = best_trials(clone / "tune" / "fortune_topics" / variant).values()
+        assert seed_overrides(load_study(study), seed_run_overrides(trial)) == pairs[variant]["overrides"]
+    assert len(collect_runs(clone / "seeds", variants=True)) == len(collect_runs(tmp_path / "runs" / "seeds", variants=True)) == 2
 
     again = subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("(finished earlier)") == 2  # a rerun enters no finished pair again

@@ -75,8 +75,11 @@ def rank_heatmaps(table: Table, out_dir: Path) -> list[Path]:
     return paths
 
 
-def log_to_wandb(tables: list[Table], figures: list[Path], project: str, group: str | None) -> None:
-    """The tables (as W&B Tables and markdown) and figures in one W&B run (offline unless WANDB_MODE says)."""
+def log_to_wandb(
+    tables: list[Table], figures: list[Path], project: str, group: str | None, references: tuple[str, ...] = ("lora",)
+) -> None:
+    """The tables (as W&B Tables and markdown, paired with `references` as in results.md) and figures in
+    one W&B run (offline unless WANDB_MODE says)."""
     import wandb
 
     run = wandb.init(
@@ -85,6 +88,6 @@ def log_to_wandb(tables: list[Table], figures: list[Path], project: str, group: 
     for table in tables:
         headers, rows = flat_rows(table)
         run.log({f"results/{table.model}": wandb.Table(columns=headers, data=rows)})
-        run.summary[f"results_markdown/{table.model}"] = markdown_table(table)
+        run.summary[f"results_markdown/{table.model}"] = markdown_table(table, references)
     run.log({f"figures/{path.stem}": wandb.Image(str(path)) for path in figures})
     run.finish()

@@ -122,14 +122,15 @@ def test_variants_make_one_row_per_folder_with_seeds_merged(tmp_path: Path) -> N
 
 
 def test_paired_with_adds_a_paired_table_per_named_row(tmp_path: Path) -> None:
-    """``--paired-with lora dora``: after the table, the differences to LoRA, then to DoRA (the only seed
+    """``--paired-with lora,dora``: after the table, the differences to LoRA, then to DoRA (the only seed
     DoRA shares with ctrlora is seed 0, so one difference, n=1)."""
     for (method, seed), scores in RUNS.items():
         write_results(tmp_path / method / f"seed{seed}", method, seed, scores)
-    assert load_script().main([str(tmp_path), "--paired-with", "lora", "dora"]) == 0
+    assert load_script().main([str(tmp_path), "--paired-with", "lora,dora"]) == 0
     text = (tmp_path / "aggregate" / "results.md").read_text()
     to_lora, to_dora = text.split("Paired difference to lora")[1].split("Paired difference to dora")
     assert "| ctrlora | r=8 | +6.0 [-44.8, +56.8] (n=2) |" in to_lora
+    assert load_script().main([str(tmp_path), "--paired-with", "lora,qlora"]) == 2  # no such row: refused
     rows = [line for line in to_dora.splitlines() if line.startswith("| ") and "method" not in line]
     assert rows == ["| lora | r=8 | -3.0 (n=1) | -10.0 (n=1) | -1.0 (n=1) |",  # seed 0: 30 - 33, 10 - 20, 20 - 21
                     "| ctrlora | r=8 | +7.0 (n=1) | -10.0 (n=1) | +9.0 (n=1) |"]
