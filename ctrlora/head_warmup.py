@@ -28,7 +28,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -126,14 +126,8 @@ def _cycled_steps(
             step(first[-1])
     finally:
         handle.remove()
-    rest = zip(range(steps - len(first)), itertools.cycle(first), strict=False)
-    if _holds_graph(outputs):
-        del outputs[:]
-        for _, batch in rest:
-            step(batch)
-        return
-    with replaying(backbone, outputs):
-        for _, batch in rest:
+    with nullcontext() if _holds_graph(outputs) else replaying(backbone, outputs):
+        for _, batch in zip(range(steps - len(first)), itertools.cycle(first), strict=False):
             step(batch)
 
 

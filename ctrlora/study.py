@@ -164,6 +164,28 @@ def run_pair(study: Study, task: str, variant: str, env: dict[str, str], root: P
     return record
 
 
+def kept_files(runs: Path, out: Path, root: Path) -> list[Path]:
+    """The files under `runs` (relative to it) that git keeps once they lie under `out`, a path relative
+    to the repository `root`: its ``.gitignore`` decides (``git check-ignore``)."""
+    files = sorted(path.relative_to(runs) for path in runs.rglob("*") if path.is_file())
+    listed = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=root, capture_output=True, text=True,
+                            input="\n".join(str(out / path) for path in files))
+    ignored = set(listed.stdout.splitlines())
+    return [path for path in files if str(out / path) not in ignored]
+
+
+def keep_from(source: Path, dest: Path, out: Path, root: Path) -> int:
+    """Copy the `kept_files` of a study output `source` (e.g. the worktree a study runs in) to `dest`, with
+    `source`'s absolute path in them (``run_dir``) written as `out`, so the files git keeps hold no
+    machine's paths; how many were copied."""
+    source = source.resolve()
+    kept = kept_files(source, out, root)
+    for path in kept:
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        (dest / path).write_text((source / path).read_text().replace(str(source), str(out)))
+    return len(kept)
+
+
 def run_study(study: Study, jobs: int, root: Path, console: Console) -> list[dict[str, Any]]:
     """Every (variant, task) pair, `jobs` at a time; writes OUT/study.json after each pair (the pairs'
     records, replacing those of an earlier invocation, and every invocation's wall time)."""

@@ -18,7 +18,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctrlora.evaluation.aggregate import build_tables, collect_runs, markdown_table, write_csv
+from ctrlora.evaluation.aggregate import (
+    REFERENCE_METHOD,
+    build_tables,
+    collect_runs,
+    markdown_table,
+    write_csv,
+)
 from ctrlora.evaluation.figures import budget_accuracy_plot, log_to_wandb, rank_heatmaps
 
 
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [label for label in args.paired_with or [] if label not in labels]:
         print(f"--paired-with: no row labelled {unknown} under {args.root}; rows: {sorted(labels)}", file=sys.stderr)
         return 2
-    references = tuple(args.paired_with or ["lora"])
+    references = tuple(args.paired_with or [REFERENCE_METHOD])
     markdown = "\n".join(markdown_table(table, references) for table in tables)
     (out / "results.md").write_text(markdown)
     write_csv(tables, out / "results.csv")

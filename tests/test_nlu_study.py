@@ -18,7 +18,14 @@ from hydra import compose, initialize_config_dir
 from ctrlora.errors import ConfigError
 from ctrlora.evaluation.aggregate import collect_runs
 from ctrlora.evaluation.selection import best_trials, seed_run_overrides
-from ctrlora.study import load_study, pair_finished, seed_overrides, set_aside_other_settings
+from ctrlora.study import (
+    keep_from,
+    kept_files,
+    load_study,
+    pair_finished,
+    seed_overrides,
+    set_aside_other_settings,
+)
 
 
 def test_the_study_tunes_every_method_and_ctr_ablation_on_both_tasks_with_one_budget() -> None:
@@ -99,18 +106,15 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
 
     # git keeps what the table, the selection and resume=true read, were these runs under experiments/ (.gitignore)
     written = [path.relative_to(tmp_path / "runs") for path in (tmp_path / "runs").rglob("*") if path.is_file()]
-    as_committed = [f"experiments/nlu_minilm/runs/{path}" for path in written]
-    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input="\n".join(as_committed),
-                             capture_output=True, text=True).stdout.split("\n")
-    kept = [path for path, committed in zip(written, as_committed, strict=True) if committed not in ignored]
+    kept = kept_files(tmp_path / "runs", Path("experiments/nlu_minilm/runs"), ROOT)
+    ignored = set(written) - set(kept)
     assert {path.name for path in kept} == {
         "study.json", "results.json", "config.yaml", "summary.md", "overrides.yaml", "metrics.csv", "allocation.json"}
     assert any(path.suffix == ".ckpt" for path in written) and all(
-        path in ignored for path in as_committed if path.endswith((".ckpt", ".safetensors", ".log", "hydra.yaml")))
+        path in ignored for path in written if str(path).endswith((".ckpt", ".safetensors", ".log", "hydra.yaml")))
     clone = tmp_path / "clone"  # the kept files alone select the same trials and make the same table
-    for path in kept:
-        (clone / path).parent.mkdir(parents=True, exist_ok=True)
-        (clone / path).write_bytes((tmp_path / "runs" / path).read_bytes())
+    assert keep_from(tmp_path / "runs", clone, Path("experiments/nlu_minilm/runs"), ROOT) == len(kept)
+    assert not any(str(tmp_path) in (clone / path).read_text() for path in kept)  # no machine's paths in git
     for variant in pairs:
         ((trial, _),) = best_trials(clone / "tune" / "fortune_topics" / variant).values()
         assert seed_overrides(load_study(study), seed_run_overrides(trial)) == pairs[variant]["overrides"]

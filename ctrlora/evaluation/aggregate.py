@@ -210,7 +210,10 @@ def format_cell(cell: Cell | None, best: float | None) -> str:
     return f"**{text}**" if is_best else text
 
 
-def markdown_table(table: Table, references: tuple[str, ...] = ("lora",)) -> str:
+REFERENCE_METHOD = "lora"  # the row every other is paired with unless told otherwise
+
+
+def markdown_table(table: Table, references: tuple[str, ...] = (REFERENCE_METHOD,)) -> str:
     """The table, then per row label in `references` the paired differences of every other row to it."""
     headers = [
         "method",
@@ -294,7 +297,7 @@ def seed_scores(row: TableRow, column: Column) -> dict[int, float]:
     return {run.seed: run.scores[column] for run in row.runs if column in run.scores}
 
 
-def paired_markdown(table: Table, reference: str = "lora") -> str:
+def paired_markdown(table: Table, reference: str = REFERENCE_METHOD) -> str:
     """Per method, the paired difference to the `reference` row on every column, in points:
     ``+1.2 [−0.4, +2.8] (n=5)``; empty when the table has no such row."""
     lines = []

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ctrlora.evaluation.aggregate import BASE_LABEL, Table, TableRow, flat_rows, markdown_table
+from ctrlora.evaluation.aggregate import (
+    BASE_LABEL,
+    REFERENCE_METHOD,
+    Table,
+    TableRow,
+    flat_rows,
+    markdown_table,
+)
 from ctrlora.plots import rank_heatmap
 
 
@@ -76,7 +83,7 @@ def rank_heatmaps(table: Table, out_dir: Path) -> list[Path]:
 
 
 def log_to_wandb(
-    tables: list[Table], figures: list[Path], project: str, group: str | None, references: tuple[str, ...] = ("lora",)
+    tables: list[Table], figures: list[Path], project: str, group: str | None, references: tuple[str, ...] = (REFERENCE_METHOD,)
 ) -> None:
     """The tables (as W&B Tables and markdown, paired with `references` as in results.md) and figures in
     one W&B run (offline unless WANDB_MODE says)."""
