@@ -11,7 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ctrlora.config import TrainConfig, apply_offline, method_schema, register_configs
+from ctrlora.config import TrainConfig, apply_offline, method_schema, register_configs, validate_config
+from ctrlora.environment import check_environment
 from ctrlora.errors import ConfigError, DataError, RunDirError, RunStopped, mark_failed
 from ctrlora.override_keys import unknown_override_keys
 from ctrlora.storage import storage_error
@@ -29,11 +30,13 @@ def main(cfg: DictConfig) -> float | None:
 
     apply_offline(cfg.offline)  # both before the libraries below load
     quiet_libraries()
-    from ctrlora.evaluation.validation import objective_value
-    from ctrlora.run import train
-
     try:
-        return objective_value(train(cfg), cfg.eval.val_metric, cfg.model.task)
+        validate_config(cfg)  # before the training stack's imports (~8 s): bad input is refused in seconds
+        check_environment(cfg)
+        from ctrlora.evaluation.validation import objective_value
+        from ctrlora.run import train
+
+        return objective_value(train(cfg, checked=True), cfg.eval.val_metric, cfg.model.task)
     except Exception as raised:  # noqa: BLE001 - re-raised below unless an input, disk or stop error
         error = raised if isinstance(raised, tuple(EXIT_CODES)) else storage_error(raised, cfg.run_dir)
         if error is None:

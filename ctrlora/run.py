@@ -265,12 +265,16 @@ def evaluate_test(cfg: TrainConfig, run: RunParts, model: nn.Module) -> dict[str
     )
 
 
-def train(composed: DictConfig) -> dict[str, Any]:
-    """Fine-tune, save the adapter, evaluate, and write results.json; returns the results."""
+def train(composed: DictConfig, *, checked: bool = False) -> dict[str, Any]:
+    """Fine-tune, save the adapter, evaluate, and write results.json; returns the results.
+
+    `checked`: the caller has already run `validate_config` and `check_environment` on `composed`
+    (train.py does, before importing this module)."""
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     adopt_submitit_ranks()
-    validate_config(composed)
-    check_environment(composed)
+    if not checked:
+        validate_config(composed)
+        check_environment(composed)
     cfg: TrainConfig = OmegaConf.to_object(composed)
     run_dir, finished = prepare_run_dir(cfg)
     if finished:

@@ -20,7 +20,8 @@ from ctrlora.console import FreshHeadReport
 def test_a_run_logs_its_phases_and_progress_once_without_library_noise(tmp_path: Path) -> None:
     command = [
         sys.executable, "train.py", "model=minilm-l6", "method=lora", "trainer.max_steps=4",
-        "calibration.head_warmup_steps=2", "calibration.num_samples=16", "eval.limit=16", f"hydra.run.dir={tmp_path}",
+        "calibration.head_warmup_steps=2", "calibration.num_samples=16", "eval.limit=16", "data.val_fraction=0.02",
+        f"hydra.run.dir={tmp_path}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=True)

@@ -81,7 +81,8 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
     study.write_text(yaml.safe_dump({
         "out": str(tmp_path / "runs"), "experiment": "nlu_minilm", "trials": 2, "seeds": [1],
         "overrides": ["trainer.progress_bar=false", "trainer.max_steps=3", "calibration.num_samples=16",
-                      "calibration.head_warmup_steps=5", "eval.limit=32"],
+                      "calibration.head_warmup_steps=5", "eval.limit=32",
+                      "data.val_fraction=0.02"],  # 50 validation rows, not 250: the test's time
         "tune_overrides": ["eval=none"],
         "tasks": {"fortune_topics": ["data=fortune_topics"]},
         "variants": {"head_only": ["method=head_only"], "uniform": ["method=ctrlora", "method.ctr.allocation=uniform"]},
