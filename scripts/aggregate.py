@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(tables, out / "results.csv")
     figures = []
     for table in tables:
-        figures.append(budget_accuracy_plot(table, out / f"budget_accuracy-{table.model}.png"))
+        if plot := budget_accuracy_plot(table, out / f"budget_accuracy-{table.model}.png"):
+            figures.append(plot)
         figures += rank_heatmaps(table, out)
     if args.wandb:
         log_to_wandb(tables, figures, args.project, args.group, references)

@@ -24,18 +24,24 @@ from ctrlora.evaluation.aggregate import (
 from ctrlora.plots import rank_heatmap
 
 
-def budget_accuracy_plot(table: Table, path: Path) -> Path:
+def budget_accuracy_plot(table: Table, path: Path) -> Path | None:
     """Average score (percent, ± std over seeds) against trainable parameters, one line per method;
-    the base model as a dashed horizontal line."""
-    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
-    axes = figure.add_subplot()
+    the base model as a dashed horizontal line. None, and no file, when no method row has an average
+    (every run scored only some of the columns, e.g. one run per task)."""
     methods = dict.fromkeys(row.method for row in table.rows if row.method != BASE_LABEL)
-    for method in methods:
-        points = sorted(
+    lines = {
+        method: sorted(
             (row.trainable_params, row.avg)
             for row in table.rows
             if row.method == method and row.trainable_params is not None and row.avg is not None
         )
+        for method in methods
+    }
+    if not any(lines.values()):
+        return None
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    for method, points in lines.items():
         if points:
             axes.errorbar(
                 [x for x, _ in points],

@@ -161,3 +161,21 @@ def test_single_class_predictors_are_flagged(tmp_path: Path) -> None:
     table = build_tables(collect_runs(tmp_path))[0]
     assert table.columns == [("topics", "accuracy")]  # the class count is a diagnostic, not a column
     assert "| loraplus ⚠ one class in 2/3 seeds | r=8 |" in markdown_table(table)
+
+
+def test_runs_of_one_task_each_get_no_average_and_no_budget_plot(tmp_path: Path) -> None:
+    """A study that trains one run per task: no run holds every column, so no row has an average, and the
+    budget–accuracy plot (of the average) is not drawn, nor warned about, rather than drawn empty."""
+    import warnings
+
+    for task in ("topics", "pairs"):
+        path = tmp_path / task / "lora" / "seed=1"
+        path.mkdir(parents=True)
+        run = {"method": "lora", "model": "minilm-l6", "seed": 1, "budget": {"rank": 8, "trainable_params": 10}}
+        (path / "results.json").write_text(json.dumps({"run": run, "eval": {task: {"accuracy": {"value": 0.7}}}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_script().main([str(tmp_path)]) == 0
+    row = next(line for line in (tmp_path / "aggregate" / "results.md").read_text().splitlines() if line.startswith("| lora"))
+    assert row == "| lora | r=8 | 10 | 2 | **70.0** | **70.0** | – |"
+    assert not list((tmp_path / "aggregate").glob("budget_accuracy-*.png"))
