@@ -225,7 +225,7 @@ def markdown_table(table: Table, references: tuple[str, ...] = (REFERENCE_METHOD
     ]
     lines = [f"### {table.model}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in table.rows:
-        params = f"{row.trainable_params:,.0f}" if row.trainable_params is not None else "–"
+        params = params_label(row)
         cells = [format_cell(row_cell(row, column), table.best(column)) for column in [*table.columns, None]]
         seeds = str(len(row.runs)) if row.runs else "–"
         collapsed = sum(run.single_class for run in row.runs)
@@ -234,6 +234,15 @@ def markdown_table(table: Table, references: tuple[str, ...] = (REFERENCE_METHOD
         method += f" (limited eval in {limited}/{len(row.runs)} seeds)" if limited else ""
         lines.append("| " + " | ".join([method, row.budget or "–", params, seeds, *cells]) + " |")
     return "\n".join(lines) + "\n" + "".join(paired_markdown(table, reference) for reference in references)
+
+
+def params_label(row: TableRow) -> str:
+    """The row's trainable parameters: one number, or ``min–max`` where its runs differ (a head per
+    task, or ranks allocated per task), never a mean that no run trained."""
+    params = sorted({run.trainable_params for run in row.runs if run.trainable_params is not None})
+    if not params:
+        return "–"
+    return f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}–{params[-1]:,}"
 
 
 def flat_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
