@@ -10,6 +10,7 @@ import os
 import resource
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -49,22 +50,25 @@ def test_bad_values_exit_2_with_one_line_before_any_run_dir(tmp_path: Path) -> N
         "eval=paper": "reads Rowan/hellaswag, allenai/ai2_arc, allenai/winogrande, aps/super_glue, cais/mmlu",
         f"eval.tasks.fortune_topics.local.test={pirate}": "line 1: label='pirates' is not one of the choices",
     }
+    cases = {override: message for override, message in cases.items() if message is not None}
+    run_dirs = {override: tmp_path / override.split("=")[0].replace(".", "_") for override in cases}
+    runs = [(override, f"hydra.run.dir={run_dir}") for override, run_dir in run_dirs.items()]
+    runs += [("optim.lrr=1e-3", f"hydra.run.dir={tmp_path / 'misspelt'}")]  # refused before Hydra
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # independent processes, each mostly imports
+        traced = pool.submit(run_train, "optim.lr=-1e-3", f"hydra.run.dir={tmp_path / 'traced'}", env={"HYDRA_FULL_ERROR": "1"})
+        results = dict(zip([override for override, _ in runs], pool.map(lambda args: run_train(*args), runs), strict=True))
     for override, message in cases.items():
-        if message is None:
-            continue
-        run_dir = tmp_path / override.split("=")[0].replace(".", "_")
-        result = run_train(override, f"hydra.run.dir={run_dir}")
+        run_dir, result = run_dirs[override], results[override]
         assert result.returncode == 2, (override, result.stderr[-2000:])
         errors = [line for line in result.stderr.splitlines() if line.startswith(("ConfigError", "DataError"))]
         assert len(errors) == 1 and message in errors[0], (override, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, override
         assert {path.name for path in run_dir.iterdir()} <= {".hydra", "train.log", FAILED_FILE}, override
         assert message in (run_dir / FAILED_FILE).read_text()
-    misspelt = run_train("optim.lrr=1e-3", f"hydra.run.dir={tmp_path / 'misspelt'}")  # refused before Hydra
+    misspelt = results["optim.lrr=1e-3"]
     assert misspelt.returncode == 2 and not (tmp_path / "misspelt").exists()
     assert misspelt.stderr.strip() == "ConfigError: unknown config key 'optim.lrr'; valid keys here: betas, lr, warmup_ratio, weight_decay"
-    traced = run_train("optim.lr=-1e-3", f"hydra.run.dir={tmp_path / 'traced'}", env={"HYDRA_FULL_ERROR": "1"})
-    assert traced.returncode != 0 and "Traceback" in traced.stderr
+    assert traced.result().returncode != 0 and "Traceback" in traced.result().stderr
 
 
 def test_devices_beyond_the_cores_and_a_missing_quantization_package_are_refused(
