@@ -38,8 +38,11 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	$(PY) train.py $(ARGS)
 
+# Two pytest workers on two cores: most tests are one-threaded Python and subprocess start-up
+# (tests/conftest.py gives every test and its subprocesses one thread). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install-dev
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install-dev
 	$(PY) -m ctrlora.bench $(ARGS)

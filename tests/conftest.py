@@ -11,6 +11,7 @@ for _key, _value in {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
     "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(_SANDBOX / "hf"), "WANDB_DIR": str(_SANDBOX / "wandb"),
     "MPLCONFIGDIR": str(_SANDBOX / "mpl"), "CTRLORA_CACHE": str(_SANDBOX / "ctrlora"),
+    "OMP_NUM_THREADS": "1",  # the subprocesses too: pytest's workers share the cores (make test: -n 2)
 }.items():
     os.environ[_key] = _value
 
