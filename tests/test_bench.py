@@ -49,7 +49,8 @@ def test_bench_writes_ratios_curvature_fractions_overhead_and_estimators(tmp_pat
     works = {work["samples"]: work for work in ctr["curvature_work"]}
     assert list(works)[0] == data["defaults"]["ctrlora"]["calibration_samples"] and {256, 2048} <= set(works)
     for work in works.values():
-        assert work["refreshes"] == 1 and work["per_refresh_s"] > 0 and work["fraction"] > 0
+        # no sign on the fraction: its set-up term is CTR-LoRA's set-up time minus LoRA's, noise on tiny-llama
+        assert work["refreshes"] == 1 and work["per_refresh_s"] > 0  # a refresh's measured seconds
         assert work["total_s"] == pytest.approx(work["initial_s"] + work["per_refresh_s"])
         assert work["fraction"] == pytest.approx(work["total_s"] / (1000 * ctr["step_time"]["median_s"]))
     assert works[2048]["total_s"] > works[256]["total_s"]  # the estimate grows with the calibration set
