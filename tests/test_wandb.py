@@ -27,8 +27,11 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def wandb_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
-    """The protobuf records of an offline run's `.wandb` file."""
+    """The protobuf records of an offline run's `.wandb` file, up to the last one written whole (wandb-core
+    may be writing the next one while this reads)."""
     raw = path.read_bytes()
+    if len(raw) < 7:
+        return
     assert raw[:4] == b":W&B"
     position, pending = 7, b""
     while position + 7 <= len(raw):
@@ -37,6 +40,8 @@ def wandb_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
         if kind == 0:  # block padding
             position += left
             continue
+        if position + 7 + length > len(raw):  # a record still being written
+            return
         data = raw[position + 7 : position + 7 + length]
         position += 7 + length
         pending = data if kind in (FULL, FIRST) else pending + data
