@@ -59,6 +59,13 @@ def test_bench_writes_ratios_curvature_fractions_overhead_and_estimators(tmp_pat
     assert overhead["lightning_median_s"] == lora["step_time"]["median_s"] and overhead["bare_median_s"] > 0
     assert overhead["loss_max_abs_diff"] < 1e-6  # the bare loop ran the very same steps
     assert set(data["estimators"]) == ESTIMATORS
+    step_flops = overhead["bare"]["step_flops"]
+    flops = {name: row["flops_vs_lora_step"] for name, row in data["estimators"].items()}
+    for name, row in data["estimators"].items():
+        assert flops[name] == pytest.approx(row["flops_one_batch"] / step_flops)
+    # counts, not times, so their order is exact: 16 Hessian-vector products (double backward) > 16
+    # Gauss–Newton backwards > one forward and backward (K-FAC) > a forward (activation)
+    assert flops["hutchinson"] > flops["hutchinson_ggn"] > flops["kfac_mc"] > flops["activation"] > 0
     cpu_step = lora["step_time"]["cpu_median_s"]
     for row in data["estimators"].values():  # timed on 1 batch and on 2: one more batch, and the fixed rest
         assert row["batches"] == 2 and row["fixed_s"] is not None  # (a difference of timings: its sign is noise on tiny-llama)
@@ -75,6 +82,7 @@ def test_bench_writes_ratios_curvature_fractions_overhead_and_estimators(tmp_pat
     assert "Evaluation (8 documents of fortune_topics, one LoRA adapter)" in table
     assert "| lora | " in table and " | 1.000 | " in table.split("| lora | ")[1].splitlines()[0]
     assert "| ctrlora | " in table and "Framework overhead" in table and "| hutchinson | " in table
+    assert f"({step_flops / 1e9:.2f} GFLOP)" in table and "× LoRA step (FLOPs)" in table
 
 
 def test_an_estimators_time_splits_into_one_more_batch_and_a_fixed_rest() -> None:

@@ -5,7 +5,9 @@ run's calibration batches, every target projection).
 Each estimator runs twice, on 1 batch and on n: the difference over n − 1 is the time of one more
 batch (its passes and statistics), the rest the fixed cost (hooks, factor storage, the final
 eigendecompositions). Wall clock and the main thread's CPU time are both kept: on a shared CPU the
-CPU time is the steadier (the bench runs torch on one thread).
+CPU time is the steadier (the bench runs torch on one thread). A third, untimed estimate on one
+batch counts its matrix products' FLOPs (`counted_flops`), set against a LoRA step's: where the time
+ratio is close to the FLOP ratio, the pass is as fast as its arithmetic allows.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import torch
 
 from ctrlora.backbones import load_backbone, load_tokenizer
 from ctrlora.bench.config import EstimatorSpec
-from ctrlora.bench.probes import MemoryProbe, release_memory
+from ctrlora.bench.probes import MemoryProbe, counted_flops, release_memory
 from ctrlora.bench.runs import run_device
 from ctrlora.config import TrainConfig
 from ctrlora.curvature.estimate import estimate_curvature
@@ -65,13 +68,18 @@ def time_estimators(
         probe.start()
         one = timed_estimate(backbone, batches[:1], targets, curvature, spec.want_grad)
         every = timed_estimate(backbone, batches, targets, curvature, spec.want_grad) if len(batches) > 1 else one
+        peak = probe.peak()
+        flops = counted_flops(partial(
+            estimate_curvature, backbone, batches[:1], targets, curvature, want_grad=spec.want_grad, progress=False
+        ))
         rows[name] = {
             "want_grad": spec.want_grad,
             "batches": len(batches),
             "tokens_per_batch": sum(int(batch["attention_mask"].sum()) for batch in batches) / len(batches),
             **marginal_and_fixed(one, every, len(batches)),
+            "flops_one_batch": flops,
             "calibration_batches": -(-cfg.calibration.num_samples // cfg.calibration.batch_size),
-            "peak_memory_bytes": probe.peak(),
+            "peak_memory_bytes": peak,
             "settings": asdict(curvature),
         }
     return rows

@@ -1,4 +1,4 @@
-"""What the bench measures with: loop-iteration clocks and a peak-memory probe.
+"""What the bench measures with: loop-iteration clocks, a peak-memory probe and a FLOP counter.
 
 A step's time is that of one whole training-loop iteration: from the start of the step's first
 batch to the start of the next step's, so data loading, logging, callbacks and the optimizer are
@@ -15,11 +15,13 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ctrlora.curvature.runtime import return_freed_host_memory
 
@@ -168,3 +170,15 @@ def release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return_freed_host_memory()
+
+
+def counted_flops(work: Callable[[], Any]) -> int:
+    """Floating-point operations of the matrix products (matmul, linear, bmm, attention, convolution)
+    that `work()` dispatches, its backward passes and double backward included
+    (`torch.utils.flop_counter`); elementwise work is not counted. Unlike a time, the count does not
+    depend on the machine's load: the bench sets time ratios beside it to show how far a pass is
+    from its arithmetic."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        work()
+    return counter.get_total_flops()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ctrlora import report
-from ctrlora.bench.probes import IterationClock, MemoryProbe, StepClock, release_memory
+from ctrlora.bench.probes import IterationClock, MemoryProbe, StepClock, counted_flops, release_memory
 from ctrlora.config import TrainConfig
 from ctrlora.curvature.runtime import batch_to_device
 from ctrlora.errors import ConfigError
@@ -111,16 +111,27 @@ def bare_lora_steps(cfg: TrainConfig, warmup: int, steps: int, probe: MemoryProb
     for step in range(cfg.trainer.max_steps):
         clock.mark(step)
         batch = batch_to_device(next(batches), device)
-        with autocast(cfg.trainer.precision, device):
-            loss = model(**batch).loss
+        if step == 0:
+            first_batch = batch
+        loss = step_loss(model, batch, cfg.trainer.precision, device)
         plain_update(loss, parameters, optimizer, scheduler, cfg.trainer.gradient_clip_val)
         losses.append(loss.detach())
-    timing = clock.summary(warmup, steps)
+    timing, peak = clock.summary(warmup, steps), probe.peak()
+    # counted after the timed steps, on the first batch again, so the count changes none of them
+    step_flops = counted_flops(lambda: step_loss(model, first_batch, cfg.trainer.precision, device).backward())
+    optimizer.zero_grad(set_to_none=True)
     return {
         "step_time": timing,
-        "peak_memory_bytes": probe.peak(),
+        "step_flops": step_flops,
+        "peak_memory_bytes": peak,
         "losses": [float(loss) for loss in losses],
     }
+
+
+def step_loss(model: torch.nn.Module, batch: dict[str, Any], precision: str, device: torch.device) -> torch.Tensor:
+    """The training loss of `batch` under the run's autocast."""
+    with autocast(precision, device):
+        return model(**batch).loss
 
 
 def plain_update(loss: torch.Tensor, parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -89,6 +89,7 @@ def summarise(
     cpu_step = reference["step_time"]["cpu_median_s"]
     for row in estimators.values():
         row["per_batch_vs_lora_step"] = row["per_batch_s"] / reference_step
+        row["flops_vs_lora_step"] = row["flops_one_batch"] / bare["step_flops"]
         row["cpu_per_batch_vs_lora_step"] = cpu_step and row["cpu_per_batch_s"] / cpu_step
         # what a run pays per batch: the fixed cost spread over the default calibration set's batches
         clock, step = ("cpu_", cpu_step) if cpu_step else ("", reference_step)
@@ -184,16 +185,19 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "Estimators: one more calibration batch (the difference between estimates on 1 and on n batches), the"
         " fixed cost (hooks, factor storage, final eigendecompositions), and both together per batch of the"
-        " default calibration set; ratios in CPU time on a CPU, wall clock on a GPU.",
+        " default calibration set; ratios in CPU time on a CPU, wall clock on a GPU. FLOPs: the matrix"
+        " products of an estimate on one batch against a LoRA step's forward and backward"
+        f" ({summary['overhead']['bare']['step_flops'] / 1e9:.2f} GFLOP), counted, not timed.",
         "",
-        "| estimator | s / batch (wall) | × LoRA step (wall) | × LoRA step (CPU) | fixed s (wall) |"
-        " × LoRA step per batch of a default run | batches timed | tokens / batch | peak (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| estimator | s / batch (wall) | × LoRA step (wall) | × LoRA step (CPU) | × LoRA step (FLOPs) |"
+        " fixed s (wall) | × LoRA step per batch of a default run | batches timed | tokens / batch | peak (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in summary["estimators"].items():
         lines.append(
             f"| {name} | {row['per_batch_s']:.2f} | {row['per_batch_vs_lora_step']:.2f} |"
-            f" {_optional(row['cpu_per_batch_vs_lora_step'], '.2f')} | {_optional(row['fixed_s'], '.2f')} |"
+            f" {_optional(row['cpu_per_batch_vs_lora_step'], '.2f')} | {row['flops_vs_lora_step']:.2f} |"
+            f" {_optional(row['fixed_s'], '.2f')} |"
             f" {_optional(row['run_per_batch_vs_lora_step'], '.2f')} ({row['calibration_batches']} batches) |"
             f" {row['batches']} | {row['tokens_per_batch']:.0f} | {row['peak_memory_bytes'] / MIB:.0f} |"
         )
