@@ -20,7 +20,9 @@ from ctrlora.bench.probes import MemoryProbe
 from ctrlora.bench.suite import compose_train
 from ctrlora.errors import ConfigError
 
-ESTIMATORS = {"activation", "kfac_empirical_dense_grad", "kfac_mc", "hutchinson", "hutchinson_ggn"}
+ESTIMATORS = {
+    "activation", "kfac_empirical_dense_grad", "kfac_empirical_sketch_grad", "kfac_mc", "hutchinson", "hutchinson_ggn"
+}
 
 
 def test_bench_writes_ratios_curvature_fractions_overhead_and_estimators(tmp_path: Path) -> None:

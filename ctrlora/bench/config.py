@@ -17,12 +17,13 @@ REFERENCE_METHOD = "lora"
 @dataclass
 class EstimatorSpec:
     """One row of the estimator table: `conf/train.yaml` overrides that pick the `curvature=` settings,
-    whether the estimate also returns the weight gradient (as CG-LoRA and CTR-LoRA ask), and how many
-    calibration batches to time it on."""
+    whether the estimate also returns the weight gradient (as CG-LoRA and CTR-LoRA ask), how many
+    calibration batches to time it on, and a sketched gradient's rank."""
 
     overrides: list[str] = field(default_factory=list)
     want_grad: bool = False
     batches: int | None = None  # calibration batches to time it on; None: bench.estimator_batches
+    sketch_rank: int | None = None  # with curvature.grad_mode=sketch: the largest rank read (CTR-LoRA's r_max)
 
 
 @dataclass

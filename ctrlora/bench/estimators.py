@@ -66,12 +66,14 @@ def time_estimators(
         batches = all_batches[: spec.batches or num_batches]
         release_memory()
         probe.start()
-        one = timed_estimate(backbone, batches[:1], targets, curvature, spec.want_grad)
-        every = timed_estimate(backbone, batches, targets, curvature, spec.want_grad) if len(batches) > 1 else one
+        estimate = partial(
+            estimate_curvature, backbone, targets=targets, cfg=curvature, want_grad=spec.want_grad,
+            sketch_rank=spec.sketch_rank, progress=False,
+        )
+        one = timed(partial(estimate, batches[:1]))
+        every = timed(partial(estimate, batches)) if len(batches) > 1 else one
         peak = probe.peak()
-        flops = counted_flops(partial(
-            estimate_curvature, backbone, batches[:1], targets, curvature, want_grad=spec.want_grad, progress=False
-        ))
+        flops = counted_flops(partial(estimate, batches[:1]))
         rows[name] = {
             "want_grad": spec.want_grad,
             "batches": len(batches),
@@ -85,12 +87,10 @@ def time_estimators(
     return rows
 
 
-def timed_estimate(
-    backbone: torch.nn.Module, batches: list[dict[str, Any]], targets: list[str], curvature: Any, want_grad: bool
-) -> tuple[float, float]:
-    """(wall seconds, main-thread CPU seconds) of one `estimate_curvature` call."""
+def timed(work: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, main-thread CPU seconds) of `work()`."""
     wall, cpu = time.perf_counter(), time.thread_time()
-    estimate_curvature(backbone, batches, targets, curvature, want_grad=want_grad, progress=False)
+    work()
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
