@@ -111,14 +111,12 @@ def bare_lora_steps(cfg: TrainConfig, warmup: int, steps: int, probe: MemoryProb
     for step in range(cfg.trainer.max_steps):
         clock.mark(step)
         batch = batch_to_device(next(batches), device)
-        if step == 0:
-            first_batch = batch
         loss = step_loss(model, batch, cfg.trainer.precision, device)
         plain_update(loss, parameters, optimizer, scheduler, cfg.trainer.gradient_clip_val)
         losses.append(loss.detach())
     timing, peak = clock.summary(warmup, steps), probe.peak()
-    # counted after the timed steps, on the first batch again, so the count changes none of them
-    step_flops = counted_flops(lambda: step_loss(model, first_batch, cfg.trainer.precision, device).backward())
+    # counted after the timed steps, on the last batch again (packed: every batch has the same shape)
+    step_flops = counted_flops(lambda: step_loss(model, batch, cfg.trainer.precision, device).backward())
     optimizer.zero_grad(set_to_none=True)
     return {
         "step_time": timing,
