@@ -125,6 +125,16 @@ def test_a_small_study_tunes_selects_runs_seeds_and_aggregates_one_row_per_varia
     assert again.stdout.count("(finished earlier)") == 2  # a rerun enters no finished pair again
     assert len(json.loads((tmp_path / "runs" / "study.json").read_text())["invocations"]) == 2
 
+    report = subprocess.run([*command, "--report"], cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+    for line, variant in zip(report.splitlines()[2:4], ["head_only", "uniform"], strict=True):  # the study file's order
+        (lr,) = [float(item.split("=")[1]) for item in pairs[variant]["overrides"] if item.startswith("optim.lr=")]
+        assert line.startswith(f"| {variant} | fortune_topics | lr {lr:.2g}") and f"| {pairs[variant]['val']:.3f} | 2 |" in line
+        assert ("lambda0" in line) == (variant == "uniform")  # λ₀ searched with the trust region; the fixed keys left out
+        result = json.loads((tmp_path / "runs" / "seeds" / "fortune_topics" / variant / "seed=1" / "results.json").read_text())
+        assert line.endswith(f"| 1, {result['run']['wall_s'] / 3600:.2f} |")  # one seed run, its recorded wall time
+    walls = [json.loads(path.read_text())["run"]["wall_s"] for path in (tmp_path / "runs").rglob("results.json")]
+    assert f"2 of 2 (variant, task) pairs selected; 6 runs, {sum(walls) / 3600:.1f} h of run time" in report
+
     seeds = tmp_path / "runs" / "seeds"
     aggregate = [sys.executable, "scripts/aggregate.py", str(seeds), "--variants"]
     table = subprocess.run(aggregate, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
