@@ -3,6 +3,7 @@
     python scripts/aggregate.py runs/                # -> runs/aggregate/{results.md,results.csv,*.png}
     python scripts/aggregate.py multirun/2025-01-01_12-00-00 --out tables --wandb --project ctrlora
     python scripts/aggregate.py experiments/nlu_minilm/runs/seeds --variants --paired-with lora,sensitivity_lora
+    python scripts/aggregate.py experiments/nlu_minilm/runs/seeds --variants --metrics accuracy   # one column per task
 
 Reads every ``results.json`` under ROOT; writes per backbone a markdown table (methods ×
 benchmarks, mean ± std over seeds in percent, base row first, best per column in bold), the same
@@ -22,6 +23,7 @@ from ctrlora.evaluation.aggregate import (
     REFERENCE_METHOD,
     build_tables,
     collect_runs,
+    keep_metrics,
     markdown_table,
     write_csv,
 )
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         "--paired-with", type=lambda text: text.split(","), default=None, metavar="ROW[,ROW...]",
         help="row labels (comma-separated) to pair every other row with, seed by seed (default: lora, where present)",
     )
+    parser.add_argument(
+        "--metrics", type=lambda text: text.split(","), default=None, metavar="METRIC[,METRIC...]",
+        help="only these metrics' columns (e.g. accuracy; default: every metric the runs report)",
+    )
     parser.add_argument("--wandb", action="store_true", help="also log the tables and figures to W&B")
     parser.add_argument("--project", default="ctrlora", help="W&B project (with --wandb)")
     parser.add_argument("--group", default=None, help="W&B group (with --wandb)")
@@ -50,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"no evaluated results.json under {args.root}", file=sys.stderr)
         return 1
+    if args.metrics:
+        try:
+            records = keep_metrics(records, args.metrics)
+        except ValueError as error:
+            print(f"--metrics: {error}", file=sys.stderr)
+            return 2
     out = args.out or args.root / "aggregate"
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(records)

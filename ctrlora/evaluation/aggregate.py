@@ -155,6 +155,19 @@ def collect_runs(root: Path, variants: bool = False) -> list[RunRecord]:
     return records
 
 
+def keep_metrics(records: list[RunRecord], metrics: list[str]) -> list[RunRecord]:
+    """The records with the columns of the named metrics alone (e.g. ``accuracy``: one column per task),
+    their base scores too; a name no run reports raises ValueError with the names they do report."""
+    reported = {metric for record in records for _, metric in record.scores}
+    if unknown := sorted(set(metrics) - reported):
+        raise ValueError(f"no run reports the metrics {unknown}; they report {sorted(reported)}")
+
+    def kept(scores: dict[Column, float]) -> dict[Column, float]:
+        return {column: value for column, value in scores.items() if column[1] in metrics}
+
+    return [replace(record, scores=kept(record.scores), base_scores=kept(record.base_scores)) for record in records]
+
+
 def summarize(values: list[float]) -> Cell:
     """Mean and sample standard deviation (None for one value)."""
     return Cell(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))

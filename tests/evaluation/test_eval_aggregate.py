@@ -136,6 +136,17 @@ def test_paired_with_adds_a_paired_table_per_named_row(tmp_path: Path) -> None:
                     "| ctrlora | r=8 | +7.0 (n=1) | -10.0 (n=1) | +9.0 (n=1) |"]
 
 
+def test_metrics_keeps_the_named_metrics_columns_alone(tmp_path: Path) -> None:
+    for (method, seed), scores in RUNS.items():
+        write_results(tmp_path / method / f"seed{seed}", method, seed, scores)
+    assert load_script().main([str(tmp_path), "--metrics", "acc"]) == 0
+    lines = (tmp_path / "aggregate" / "results.md").read_text().splitlines()
+    assert "| method | budget | trainable params | seeds | mmlu | avg |" in lines
+    assert "| base | – | – | – | 25.0 | 25.0 |" in lines  # the base row: its mmlu score alone
+    assert "| ctrlora | r=8 | +6.0 [-44.8, +56.8] (n=2) |" in lines  # its paired table: the mmlu column alone
+    assert load_script().main([str(tmp_path), "--metrics", "accuracy"]) == 2  # no run reports it: refused
+
+
 def test_the_paired_interval_is_the_hand_computed_t_interval() -> None:
     from ctrlora.evaluation.aggregate import paired_difference
 
