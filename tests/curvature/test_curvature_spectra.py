@@ -1,4 +1,4 @@
-"""Whitened-gradient spectra: dense definition, randomized SVD, and the streaming sketch against dense G."""
+"""Whitened-gradient spectra: dense definition, randomized SVD, the streaming sketch against dense G, and their bound."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from ctrlora.curvature.lowrank import DampedPairs
 from ctrlora.curvature.result import ModuleCurvature
 from ctrlora.curvature.spectra import whitened_gradient_svd
 
-from .helpers import assert_close, collate, lm_batches, sequences, targets_of, tiny_llama
+from .helpers import (
+    assert_close,
+    collate,
+    lm_batches,
+    sequences,
+    targets_of,
+    tiny_llama,
+    tiny_llama_classifier,
+)
 
 
 def inverse_sqrt(matrix: torch.Tensor) -> torch.Tensor:
@@ -130,3 +138,24 @@ def test_a_dense_factors_whitening_keeps_only_its_cholesky_factor_and_whitens_th
     assert_close(whitening.whiten(x), factor.whiten(x), 1e-12)
     assert_close(whitening.unwhiten(x), factor.unwhiten(x), 1e-12)
     assert_close(whitening.whiten(factor.apply(whitening.unwhiten(x))), x, 1e-10)  # R⁻¹ S R⁻ᵀ = I
+
+
+@pytest.mark.parametrize("classifier", [False, True])
+def test_with_the_empirical_fisher_the_whitened_singular_values_are_canonical_correlations(classifier):
+    """S_a = (1/P) Σ_p x xᵀ, S_g = (1/T) Σ_p g gᵀ and G = (1/T) Σ_p g xᵀ are moments over the same
+    positions, so by Cauchy–Schwarz σ(S_g^{-1/2} G S_a^{-1/2}) ≤ √(P/T): 1 for a classifier (T = P),
+    √(30/20) for these LM batches (2 prompt positions in each of 5 sequences). With fewer positions
+    than dimensions the top values reach the bound, and CTR-LoRA's utilities ½σ² all sit near ½
+    (experiments/nlu_minilm/README.md)."""
+    model = tiny_llama_classifier(num_labels=3) if classifier else tiny_llama()
+    batches = lm_batches()
+    if classifier:
+        for index, batch in enumerate(batches):
+            rows = batch["input_ids"].shape[0]
+            batch["labels"] = torch.randint(0, 3, (rows,), generator=torch.Generator().manual_seed(index))
+    targets = targets_of(model)
+    cfg = CurvatureConfig(fisher="empirical", damping=1e-10)
+    estimate = estimate_curvature(model, batches, targets, cfg, want_grad=True, progress=False)
+    bound = 1.0 if classifier else (30 / 20) ** 0.5
+    tops = torch.stack([whitened_gradient_svd(estimate[name], 1, cfg.damping)[1][0] for name in targets])
+    assert tops.max() <= bound * (1 + 1e-6) and tops.min() > 0.9 * bound
