@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ctrlora.errors import ConfigError
 from ctrlora.study import Study, override_key
 
 
@@ -22,7 +23,15 @@ def tuned_settings(study: Study, overrides: list[str]) -> list[str]:
     fixed = {override_key(item) for item in [f"experiment={study.experiment}", *study.overrides,
                                              *(i for items in [*study.tasks.values(), *study.variants.values()] for i in items)]}
     chosen = [item.split("=", 1) for item in overrides if override_key(item) not in fixed]
-    return [f"{key.rsplit('.', 1)[-1]} {float(value):.2g}" for key, value in chosen]
+    return [f"{key.rsplit('.', 1)[-1]} {short_value(value)}" for key, value in chosen]
+
+
+def short_value(value: str) -> str:
+    """A number to two significant digits; anything else (a categorical choice) as it is."""
+    try:
+        return f"{float(value):.2g}"
+    except ValueError:
+        return value
 
 
 def run_hours(folder: Path) -> tuple[int, float]:
@@ -34,6 +43,8 @@ def run_hours(folder: Path) -> tuple[int, float]:
 def study_report(study: Study, root: Path, jobs: int = 2) -> str:
     """The selections and run times of the study under `root` / ``study.out`` as markdown (see the module)."""
     out = root / study.out
+    if not (out / "study.json").exists():
+        raise ConfigError(f"{out / 'study.json'} does not exist: the study has not run yet (scripts/study.py STUDY)")
     summary: dict[str, Any] = json.loads((out / "study.json").read_text())
     records = {(pair["task"], pair["variant"]): pair for pair in summary["pairs"]}
     lines = ["| row | task | selected | validation | trials | tuning (h) | seed runs (count, h) |", "|---|---|---|---|---|---|---|"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ctrlora.errors import ConfigError
 from ctrlora.study import keep_from, load_study, run_study
 from ctrlora.study_report import study_report
 
@@ -34,13 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true",
                         help="print each pair's selected settings, validation score and run time (markdown), then stop")
     args = parser.parse_args(argv)
-    study = load_study(args.study)
+    try:
+        study = load_study(args.study)
+        if args.report:
+            print(study_report(study, ROOT, args.jobs), end="")
+            return 0
+    except ConfigError as error:
+        print(f"ConfigError: {error}", file=sys.stderr)
+        return 2
     if args.keep_from is not None:
         copied = keep_from(args.keep_from, ROOT / study.out, study.out, ROOT)
         print(f"{copied} files from {args.keep_from} -> {study.out}")
-        return 0
-    if args.report:
-        print(study_report(study, ROOT, args.jobs), end="")
         return 0
     records = run_study(study, args.jobs, ROOT, Console(soft_wrap=True))
     failed = [r for r in records if "error" in r]

@@ -26,6 +26,7 @@ from ctrlora.study import (
     seed_overrides,
     set_aside_other_settings,
 )
+from ctrlora.study_report import study_report, tuned_settings
 
 
 def test_the_study_tunes_every_method_and_ctr_ablation_on_both_tasks_with_one_budget() -> None:
@@ -61,6 +62,16 @@ def test_tune_overrides_leave_the_seed_runs_by_key_and_may_not_share_a_key_with_
     path.write_text(yaml.safe_dump({**base, "tasks": {"t": ["data=fortune_topics", "eval=local"]}}))
     with pytest.raises(ConfigError, match=r"study.yaml: tune_overrides set \['eval'\]"):
         load_study(path)
+
+
+def test_the_report_names_the_searched_settings_alone_and_refuses_a_study_that_has_not_run(tmp_path: Path) -> None:
+    study = replace(load_study(ROOT / "experiments" / "nlu_minilm" / "study.yaml"), out=tmp_path / "runs")
+    selected = ["optim.lr=0.0028769620038000014", "method.ctr.lambda0=10.19701487875909", "method.ctr.lambda_schedule=linear",
+                "experiment=nlu_minilm", "data=wordnet_hypernyms", "data.batch_size=32", "method=ctrlora",
+                "method.ctr.allocation=uniform", "trainer.progress_bar=False"]
+    assert tuned_settings(study, selected) == ["lr 0.0029", "lambda0 10", "lambda_schedule linear"]  # the rest: the study's
+    with pytest.raises(ConfigError, match=r"runs/study.json does not exist: the study has not run yet"):
+        study_report(study, ROOT)
 
 
 def test_the_ctr_ablation_preset_sweeps_lambda0_and_schedules_into_one_folder_per_setting() -> None:
