@@ -78,11 +78,15 @@ def load_study(path: Path) -> Study:
                   trials=int(raw["trials"]), seeds=[int(s) for s in raw["seeds"]],
                   tune_seed=int(raw.get("tune_seed", 0)), overrides=list(raw.get("overrides", [])),
                   tune_overrides=list(raw.get("tune_overrides", [])))
-    everywhere = [*study.overrides, *(item for items in [*study.tasks.values(), *study.variants.values()] for item in items)]
-    if shared := sorted({override_key(item) for item in study.tune_overrides} & {override_key(item) for item in everywhere}):
+    if shared := sorted({override_key(item) for item in study.tune_overrides} & {override_key(item) for item in fixed_overrides(study)}):
         raise ConfigError(f"{path}: tune_overrides set {shared}, which overrides, a task or a variant also set; the seed"
                           " runs drop every tune_overrides key, so a key must be in one place only")
     return study
+
+
+def fixed_overrides(study: Study) -> list[str]:
+    """What the study file sets for its runs besides the experiment: ``overrides``, then every task's and variant's."""
+    return [*study.overrides, *(item for items in [*study.tasks.values(), *study.variants.values()] for item in items)]
 
 
 def override_key(item: str) -> str:

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ctrlora.errors import ConfigError
-from ctrlora.study import Study, override_key
+from ctrlora.study import Study, fixed_overrides, override_key
 
 
 def tuned_settings(study: Study, overrides: list[str]) -> list[str]:
     """The selected overrides that the search set (``optim.lr=0.00236`` -> ``lr 0.0024``), in their order."""
-    fixed = {override_key(item) for item in [f"experiment={study.experiment}", *study.overrides,
-                                             *(i for items in [*study.tasks.values(), *study.variants.values()] for i in items)]}
+    fixed = {"experiment", *map(override_key, fixed_overrides(study))}
     chosen = [item.split("=", 1) for item in overrides if override_key(item) not in fixed]
     return [f"{key.rsplit('.', 1)[-1]} {short_value(value)}" for key, value in chosen]
 
@@ -43,9 +42,10 @@ def run_hours(folder: Path) -> tuple[int, float]:
 def study_report(study: Study, root: Path, jobs: int = 2) -> str:
     """The selections and run times of the study under `root` / ``study.out`` as markdown (see the module)."""
     out = root / study.out
-    if not (out / "study.json").exists():
-        raise ConfigError(f"{out / 'study.json'} does not exist: the study has not run yet (scripts/study.py STUDY)")
-    summary: dict[str, Any] = json.loads((out / "study.json").read_text())
+    try:
+        summary: dict[str, Any] = json.loads((out / "study.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{out / 'study.json'} does not exist: the study has not run yet (scripts/study.py STUDY)") from None
     records = {(pair["task"], pair["variant"]): pair for pair in summary["pairs"]}
     lines = ["| row | task | selected | validation | trials | tuning (h) | seed runs (count, h) |", "|---|---|---|---|---|---|---|"]
     total_runs, total_hours, finished = 0, 0.0, 0
